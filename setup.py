@@ -30,11 +30,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
+    # model_cards/ lives at the repository top level and ships inside the package as diffusers_masked.model_cards.
+    package_dir={"": "src", "diffusers_masked.model_cards": "model_cards"},
+    packages=find_packages("src") + ["diffusers_masked.model_cards"],
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require=EXTRAS,
     include_package_data=True,
-    package_data={"diffusers_masked": ["model_cards/*.md"]},
+    package_data={"diffusers_masked.model_cards": ["*.md"]},
 )

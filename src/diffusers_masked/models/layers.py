@@ -98,13 +98,19 @@ class TimestepEmbedder(nn.Module):
     Args:
         embed_dim (`int`): Output width.
         frequency_dim (`int`, defaults to 256): Number of sinusoidal features.
-        act_fn (`str`, defaults to `"silu"`): Activation between the two linear layers.
+        act_fn (`str`, defaults to `"silu"`): Activation between the two linear layers (a diffusers activation name,
+            or ``"gelu-approximate"`` for the tanh GELU of MicroDiT).
     """
 
     def __init__(self, embed_dim: int, frequency_dim: int = 256, act_fn: str = "silu"):
         super().__init__()
         self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.timestep_embedder = TimestepEmbedding(frequency_dim, embed_dim, act_fn=act_fn)
+        if act_fn == "gelu-approximate":
+            # diffusers' TimestepEmbedding only knows exact GELU; swap in the tanh approximation (same parameters).
+            self.timestep_embedder = TimestepEmbedding(frequency_dim, embed_dim, act_fn="gelu")
+            self.timestep_embedder.act = nn.GELU(approximate="tanh")
+        else:
+            self.timestep_embedder = TimestepEmbedding(frequency_dim, embed_dim, act_fn=act_fn)
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.timestep_embedder(self.time_proj(timestep).to(dtype))

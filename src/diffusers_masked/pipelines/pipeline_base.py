@@ -122,7 +122,16 @@ class MaskedTransformerPipelineBase(DiffusionPipeline):
                 w = self.guidance_scale_at(guidance_scale, i, t)
                 eps = eps_uncond + w * (eps_cond - eps_uncond)
                 rest = rest.chunk(2)[0]
-            model_output = torch.cat([eps, rest], dim=1) if (self._passes_variance() and rest.shape[1]) else eps
+            if self._passes_variance():
+                if rest.shape[1] != channels:
+                    raise ValueError(
+                        f"The scheduler expects a learned variance (variance_type="
+                        f"{self.scheduler.config.variance_type!r}) but the transformer predicts none; use "
+                        "variance_type='fixed_small' or a model trained with learned sigma."
+                    )
+                model_output = torch.cat([eps, rest], dim=1)
+            else:
+                model_output = eps
             latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
             if callback is not None:
                 callback(i, t, latents)

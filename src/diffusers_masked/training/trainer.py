@@ -1,0 +1,581 @@
+"""The one Accelerate training loop shared by every model of this package.
+
+`main(recipe)` parses diffusers-style flags, builds data / model / optimizer / EMA, trains with checkpoints that
+resume exactly, saves validation grids, and finally writes a complete pipeline folder (+ model card, optional Hub
+upload). Model-specific parts (flags, model, loss, pipeline) come from a `TrainingRecipe`.
+
+Works with plain ``python train_examples/train_maskdit.py`` and with ``accelerate launch [--num_processes N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .data import (
+    FASHION_MNIST_CLASSES,
+    ImageClassDataset,
+    LatentCacheDataset,
+    build_latent_cache,
+    class_names,
+    infer_image_geometry,
+    load_image_dataset,
+    sample_latents,
+)
+from .recipe import TrainingRecipe
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=f"Train a {recipe.name} masked diffusion transformer. With no flags: a small model on the "
+        "embedded Fashion-MNIST data set, on whatever device is there.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", type=str, default=None, help="HF datasets name (Hub or local script).")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
+    g.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (class sub-folders = labels).")
+    g.add_argument("--fashion_mnist_dir", type=str, default=None, help="Folder of the Fashion-MNIST idx files "
+                   "(default /usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`).")
+    g.add_argument("--image_column", type=str, default="image")
+    g.add_argument("--label_column", type=str, default="label", help="Class column; absent = unconditional.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N samples.")
+    g.add_argument("--resolution", type=int, default=None, help="Image side (default: the data's own size).")
+    g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    g.add_argument("--in_channels", type=int, default=None, help="Expected image/latent channels (checked).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--vae_path", type=str, default=None, help="Local AutoencoderKL folder: train in its latent space.")
+    g.add_argument("--cache_latents", action="store_true", help="Encode the data set once (with flips) and train "
+                   "from the cache.")
+    g.add_argument("--latent_cache_dir", type=str, default=None, help="Where the latent cache lives "
+                   "(default OUTPUT_DIR/latent_cache).")
+
+    g = p.add_argument_group("model and objective")
+    g.add_argument("--model_config", type=str, default=None, help="Preset name (e.g. 'S/2', 'XL/2') or a "
+                   "config.json path; default: the recipe's small demo model.")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="Start from the transformer of a saved pipeline folder (or Hub id).")
+    g.add_argument("--objective", type=str, default=None, choices=["edm", "epsilon", "v_prediction"],
+                   help=f"Diffusion objective (default: {recipe.default_objective}).")
+    g.add_argument("--mask_ratio", type=float, default=None, help=f"Share of tokens masked in training "
+                   f"(default {recipe.default_mask_ratio}).")
+    g.add_argument("--unmasked_finetune_steps", type=int, default=0,
+                   help="The last N steps train without masking (and without the MAE term).")
+    g.add_argument("--class_dropout_prob", type=float, default=None,
+                   help="Label dropout for classifier-free guidance (default: the model config's).")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--output_dir", type=str, default=f"output/{recipe.name}-fashion-mnist")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", type=int, default=64, help="Per device.")
+    g.add_argument("--max_train_steps", type=int, default=1000, help="Optimizer steps in total.")
+    g.add_argument("--stop_after_steps", type=int, default=None,
+                   help="Checkpoint and exit after this many steps in this run (for time-sliced jobs); "
+                   "resume later with --resume_from_checkpoint latest.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers get_scheduler name.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--optimizer", type=str, default="adamw", choices=["adamw"])
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (off if unset).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Default: accelerate's config.")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+
+    g = p.add_argument_group("checkpoints, logging, validation")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--logging_dir", type=str, default="logs")
+    g.add_argument("--validation_steps", type=int, default=500, help="Save a sample grid every N steps (0 = off).")
+    g.add_argument("--validation_images_per_class", type=int, default=4)
+    g.add_argument("--validation_inference_steps", type=int, default=40)
+    g.add_argument("--validation_guidance_scale", type=float, default=1.5)
+
+    g = p.add_argument_group("hub")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", type=str, default=None)
+    g.add_argument("--hub_token", type=str, default=None)
+    g.add_argument("--hub_private_repo", action="store_true")
+
+    recipe.add_arguments(p.add_argument_group(f"{recipe.name}"))
+    if recipe.demo_defaults:
+        p.set_defaults(**recipe.demo_defaults)
+    return p
+
+
+def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    args = build_parser(recipe).parse_args(argv)
+    checks = [
+        (args.train_batch_size >= 1, "--train_batch_size must be >= 1"),
+        (args.max_train_steps >= 1, "--max_train_steps must be >= 1"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+        (0 <= args.unmasked_finetune_steps <= args.max_train_steps,
+         "--unmasked_finetune_steps must be between 0 and --max_train_steps"),
+        (args.mask_ratio is None or 0 <= args.mask_ratio < 1, "--mask_ratio must be in [0, 1)"),
+        (args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1"),
+        (not args.cache_latents or args.vae_path, "--cache_latents needs --vae_path"),
+        (args.learning_rate > 0, "--learning_rate must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order
+# ----------------------------------------------------------------------------------------------------------------
+class EpochBatchSampler(Sampler):
+    """Deterministic shuffled batches: epoch e uses permutation seed+e, the global batch of each step is split over
+    the processes, and iteration can start at any step. This makes resume exact and makes N processes see the same
+    global batches as one process with an N-times larger batch."""
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int, rank: int, seed: int):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.global_batch = batch_size * num_replicas
+        if num_samples < self.global_batch:
+            raise ValueError(
+                f"The data set has {num_samples} samples, fewer than one global batch ({self.global_batch}); "
+                "lower --train_batch_size or add data."
+            )
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self):
+        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for step in range(self.start, len(self)):
+            offset = step * self.global_batch + self.rank * self.batch_size
+            yield perm[offset : offset + self.batch_size].tolist()
+
+
+class _TrainState:
+    """Counters and the noise generator, saved in every checkpoint through accelerate's custom-object hook."""
+
+    def __init__(self, generator: torch.Generator):
+        self.global_step = 0
+        self.generator = generator
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"global_step": self.global_step, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Holds the run's objects; `run()` trains. Attributes recipes may use: ``args``, ``accelerator``,
+    ``class_names``, ``id2label``, ``vae``, ``objective``, ``model``, ``output_dir``."""
+
+    def __init__(self, recipe: TrainingRecipe, args: argparse.Namespace):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.recipe, self.args = recipe, args
+        self.output_dir = Path(args.output_dir)
+        report_to = self._resolve_report_to(args.report_to)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        set_seed(args.seed)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        device = self.accelerator.device
+        # One generator for every random draw of the step (noise, sigma, masks, label dropout, flips), distinct per
+        # process and saved in checkpoints: resuming continues the same random stream.
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + self.accelerator.process_index)
+        self.state = _TrainState(gen)
+        self.vae = None
+        self._prepare_data()
+        recipe.setup(self)
+        self.objective = recipe.build_objective(args)
+        self._build_model()
+
+    @staticmethod
+    def _resolve_report_to(report_to: str):
+        if report_to in (None, "none", ""):
+            return None
+        if report_to == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                logger.warning("tensorboard is not installed (pip install tensorboard); logging disabled.")
+                return None
+        return report_to
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def _prepare_data(self) -> None:
+        args = self.args
+        ds = load_image_dataset(args)
+        channels, size = infer_image_geometry(ds, args.image_column)
+        resolution = args.resolution or size
+        self.class_names = class_names(ds, args.label_column)
+        if self.class_names is None and not (args.dataset_name or args.train_data_dir):
+            self.class_names = list(FASHION_MNIST_CLASSES)
+        self.id2label = {i: n for i, n in enumerate(self.class_names)} if self.class_names else None
+        self.image_dataset = ImageClassDataset(ds, args.image_column, args.label_column, resolution, channels)
+        self.pixel_channels, self.resolution = channels, resolution
+        if args.vae_path:
+            self._load_vae()
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            if resolution % factor:
+                raise ValueError(f"--resolution {resolution} must be divisible by the VAE's downsampling factor {factor}.")
+            self.sample_size, self.model_channels = resolution // factor, self.vae.config.latent_channels
+            if self.vae.config.in_channels != channels:
+                raise ValueError(
+                    f"The VAE takes {self.vae.config.in_channels}-channel images but the data has {channels} channels."
+                )
+        else:
+            self.sample_size, self.model_channels = resolution, channels
+        if args.in_channels is not None and args.in_channels != self.model_channels:
+            what = "latent" if self.vae is not None else "image"
+            raise ValueError(
+                f"--in_channels {args.in_channels} does not match the data: the {what}s have {self.model_channels} "
+                "channels (grayscale = 1, RGB = 3, SD-VAE latents = 4). Drop --in_channels or convert the data."
+            )
+        if args.cache_latents:
+            cache_dir = Path(args.latent_cache_dir or self.output_dir / "latent_cache")
+            fingerprint = f"{len(ds)}-{resolution}-{getattr(ds, '_fingerprint', 'na')}-{args.vae_path}"
+            if self.accelerator.is_main_process:
+                build_latent_cache(self.image_dataset, self.vae, cache_dir, device=self.accelerator.device,
+                                   fingerprint=fingerprint)
+            self.accelerator.wait_for_everyone()
+            self.train_dataset = LatentCacheDataset(cache_dir)
+        else:
+            self.train_dataset = self.image_dataset
+        acc = self.accelerator
+        self.sampler = EpochBatchSampler(len(self.train_dataset), args.train_batch_size, acc.num_processes,
+                                         acc.process_index, args.seed)
+        self.dataloader = DataLoader(self.train_dataset, batch_sampler=self.sampler,
+                                     num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available())
+
+    def _load_vae(self) -> None:
+        from diffusers import AutoencoderKL
+
+        if not os.path.isdir(self.args.vae_path):
+            logger.warning("--vae_path %s is not a local folder; trying it as a Hub id.", self.args.vae_path)
+        self.vae = AutoencoderKL.from_pretrained(self.args.vae_path)
+        self.vae.requires_grad_(False).eval().to(self.accelerator.device)
+
+    def clean_batch(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Clean training sample x0 (pixels in [-1, 1] or scaled VAE latents) for a loader batch."""
+        gen = self.state.generator
+        device = self.accelerator.device
+        if "moments" in batch:
+            cfg = self.vae.config
+            x0 = sample_latents(batch["moments"].to(device), cfg.scaling_factor, getattr(cfg, "shift_factor", None) or 0.0, gen)
+        else:
+            x = batch["pixel_values"].to(device)
+            if self.args.random_flip:
+                flip = torch.rand(x.shape[0], generator=gen, device=gen.device).to(device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            if self.vae is None:
+                return x
+            with torch.no_grad():
+                dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+                cfg = self.vae.config
+                x0 = (dist.sample(generator=gen) - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        return x0.float()
+
+    # ---- model, optimizer ----------------------------------------------------------------------------------------
+    def _build_model(self) -> None:
+        args, recipe = self.args, self.recipe
+        num_classes = len(self.class_names) if self.class_names else None
+        if args.pretrained_model_name_or_path:
+            model = recipe.model_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
+            cfg = model.config
+            if cfg.in_channels != self.model_channels or cfg.sample_size != self.sample_size:
+                raise ValueError(
+                    f"The pretrained transformer takes {cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size} inputs "
+                    f"but the data gives {self.model_channels}x{self.sample_size}x{self.sample_size}."
+                )
+        else:
+            model = recipe.build_model(args, self.sample_size, self.model_channels, num_classes)
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        self.model = model
+        self.ema = None
+        if args.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config)
+            self.ema.to(self.accelerator.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = self.build_optimizer(params)
+        from diffusers.optimization import get_scheduler
+
+        n = self.accelerator.num_processes
+        self.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=args.lr_warmup_steps * n,
+                                          num_training_steps=args.max_train_steps * n)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, self.optimizer, self.lr_scheduler)
+        if args.torch_compile:
+            self.model = torch.compile(self.model)
+        self.accelerator.register_for_checkpointing(self.state)
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
+
+    def build_optimizer(self, params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        args = self.args
+        build = getattr(self.recipe, "build_optimizer", None)
+        if build is not None:
+            opt = build(params, args)
+            if opt is not None:
+                return opt
+        fused = torch.cuda.is_available() and self.accelerator.device.type == "cuda"
+        return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
+
+    @property
+    def unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def list_checkpoints(self) -> List[Path]:
+        if not self.output_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), d) for d in self.output_dir.iterdir() if d.is_dir() and (m := CHECKPOINT_RE.match(d.name))]
+        return [d for _, d in sorted(found)]
+
+    def save_checkpoint(self) -> Path:
+        """accelerate `save_state` into a temporary folder, then an atomic rename: a kill mid-save never leaves a
+        half-written checkpoint that `--resume_from_checkpoint latest` would pick."""
+        acc = self.accelerator
+        step = self.state.global_step
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".checkpoint-{step}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.args.checkpoints_total_limit
+            if limit is not None:
+                for old in self.list_checkpoints()[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> None:
+        spec = self.args.resume_from_checkpoint
+        if not spec:
+            return
+        if spec == "latest":
+            found = self.list_checkpoints()
+            if not found:
+                logger.info("No checkpoint in %s; starting from scratch.", self.output_dir)
+                return
+            path = found[-1]
+        else:
+            path = Path(spec)
+            if not path.is_dir():
+                raise FileNotFoundError(f"--resume_from_checkpoint {spec} is not a checkpoint folder.")
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as err:  # surface a clear message instead of a deep stack trace
+            raise RuntimeError(
+                f"Could not resume from {path}: {err}. The checkpoint is corrupt or was written by a different model "
+                "configuration / number of processes; pick another checkpoint or start without --resume_from_checkpoint."
+            ) from err
+        logger.info("Resumed from %s at step %d.", path, self.state.global_step)
+
+    # ---- validation, saving -------------------------------------------------------------------------------------
+    def make_pipeline(self):
+        return self.recipe.build_pipeline(self.unwrapped_model, self.objective.inference_scheduler(), self.vae,
+                                          self.id2label, self)
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path):
+        """Validation grid (rows = classes) with EMA weights when used; saved as PNG and returned as a PIL image."""
+        from diffusers.utils import make_image_grid
+
+        model = self.unwrapped_model
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        model.eval()
+        try:
+            pipe = self.make_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            gen = torch.Generator(device="cpu").manual_seed(self.args.seed)
+            images, cols = self.recipe.validation_images(pipe, self, gen)
+        finally:
+            model.train()
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
+        rows = math.ceil(len(images) / cols)
+        images = images + [images[0].copy() for _ in range(rows * cols - len(images))]
+        grid = make_image_grid(images, rows=rows, cols=cols)
+        if grid.width < 256:  # tiny images (Fashion-MNIST) are easier to judge enlarged
+            factor = max(1, 256 // grid.width)
+            grid = grid.resize((grid.width * factor, grid.height * factor), resample=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return grid
+
+    def log_grid(self, grid, step: int) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(grid)]}, step=step)
+
+    def save_pipeline(self) -> Path:
+        model = self.unwrapped_model
+        if self.ema is not None:
+            self.ema.copy_to(model.parameters())
+        pipe = self.make_pipeline()
+        pipe.save_pretrained(self.output_dir, safe_serialization=True)
+        return self.output_dir
+
+    def write_model_card(self, metrics: Dict[str, Any]) -> Path:
+        from .hub import write_model_card
+
+        return write_model_card(self, metrics)
+
+    # ---- loop ----------------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        args, acc, recipe = self.args, self.accelerator, self.recipe
+        if acc.is_main_process:
+            acc.init_trackers(f"{recipe.name}", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        self.maybe_resume()
+        model_cfg = self.unwrapped_model.config
+        n_params = sum(p.numel() for p in self.unwrapped_model.parameters())
+        logger.info("%s: %.2fM parameters, input %dx%dx%d, %d samples, global batch %d", type(self.unwrapped_model).__name__,
+                    n_params / 1e6, model_cfg.in_channels, self.sample_size, self.sample_size, len(self.train_dataset),
+                    args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps)
+        steps_per_epoch = len(self.sampler) // args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError("One epoch holds fewer batches than --gradient_accumulation_steps; lower it or add data.")
+        start_step = self.state.global_step
+        stop_at = args.max_train_steps if args.stop_after_steps is None else min(args.max_train_steps, start_step + args.stop_after_steps)
+        progress = tqdm(total=args.max_train_steps, initial=start_step, disable=not acc.is_local_main_process, desc="train")
+        images_per_step = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
+        t0, window_t, window_steps = time.time(), time.time(), 0
+        last_loss = float("nan")
+        gen = self.state.generator
+        while self.state.global_step < stop_at:
+            batches_done = self.state.global_step * args.gradient_accumulation_steps
+            epoch, start_batch = divmod(batches_done, steps_per_epoch * args.gradient_accumulation_steps)
+            self.sampler.set_position(epoch, start_batch)
+            for batch in self.dataloader:
+                with acc.accumulate(self.model):
+                    x0 = self.clean_batch(batch)
+                    cond = recipe.conditioning_kwargs({k: v.to(acc.device) for k, v in batch.items()}, self.unwrapped_model, args, gen)
+                    ratio = recipe.mask_ratio(args, self.state.global_step, gen)
+                    loss, logs = recipe.compute_loss(self.model, self.objective, x0, cond, ratio, args, gen)
+                    acc.backward(loss)
+                    if acc.sync_gradients and args.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                self.state.global_step += 1
+                step = self.state.global_step
+                window_steps += 1
+                if self.ema is not None:
+                    self.ema.step(self.unwrapped_model.parameters())
+                progress.update(1)
+                if step % args.logging_steps == 0 or step == stop_at:
+                    last_loss = acc.gather(loss.detach().reshape(1)).mean().item()
+                    now = time.time()
+                    ips = window_steps * images_per_step / max(now - window_t, 1e-9)
+                    window_t, window_steps = now, 0
+                    record = {"loss": last_loss, "lr": self.lr_scheduler.get_last_lr()[0], "img_per_s": ips,
+                              "mask_ratio": ratio, "images_seen": step * images_per_step,
+                              "wall_clock_s": now - t0, **{k: float(v) for k, v in logs.items()}}
+                    progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}")
+                    acc.log(record, step=step)
+                if step % args.checkpointing_steps == 0 or step == stop_at:
+                    self.save_checkpoint()
+                if args.validation_steps and step % args.validation_steps == 0 and acc.is_main_process:
+                    grid = self.sample_grid(self.output_dir / "samples" / f"step_{step:07d}.png")
+                    self.log_grid(grid, step)
+                if step >= stop_at:
+                    break
+        progress.close()
+        elapsed = time.time() - t0
+        result = {"global_step": self.state.global_step, "final_loss": last_loss, "train_time_s": elapsed,
+                  "images_per_s": (self.state.global_step - start_step) * images_per_step / max(elapsed, 1e-9),
+                  "finished": self.state.global_step >= args.max_train_steps}
+        if result["finished"] and acc.is_main_process:
+            self.finish(result)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return result
+
+    def finish(self, result: Dict[str, Any]) -> None:
+        """Write the pipeline, the final sample grid, the model card and (optionally) push to the Hub."""
+        out = self.output_dir
+        grid_path = out / "sample_grid.png"
+        self.sample_grid(grid_path)
+        self.save_pipeline()
+        result["sample_grid"] = str(grid_path)
+        (out / "train_results.json").write_text(json.dumps(result, indent=2))
+        self.write_model_card(result)
+        if self.args.push_to_hub:
+            from .hub import push_to_hub
+
+            push_to_hub(self.args, out)
+        logger.info("Saved the pipeline to %s (sample grid %s).", out, grid_path)
+
+
+def main(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Entry point of the train_examples scripts."""
+    args = parse_args(recipe, argv)
+    return Trainer(recipe, args).run()

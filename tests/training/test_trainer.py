@@ -1,0 +1,182 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_masked import MaskDiTPipeline
+from diffusers_masked.training import main
+from diffusers_masked.training.hub import HUB_IGNORE_PATTERNS, prepare_hub_upload
+from diffusers_masked.training.recipe_maskdit import MaskDiTRecipe
+from diffusers_masked.training.trainer import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+FMNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").exists(), reason="apt-get install dataset-fashion-mnist"
+)
+TINY = dict(patch_size=7, hidden_size=32, num_layers=2, num_attention_heads=2, decoder_hidden_size=16,
+            num_decoder_layers=1, decoder_num_attention_heads=2)
+
+
+def tiny_args(tmp_path, out="run", **extra):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    args = ["--output_dir", str(tmp_path / out), "--model_config", str(cfg), "--max_train_samples", "64",
+            "--train_batch_size", "8", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--validation_steps", "0", "--validation_inference_steps", "2", "--validation_images_per_class", "1",
+            "--report_to", "none", "--logging_steps", "1", "--learning_rate", "1e-3", "--use_ema"]
+    for key, value in extra.items():
+        args += [f"--{key}"] + ([] if value is True else [str(value)])
+    return args
+
+
+@needs_fmnist
+def test_tiny_run_writes_a_loadable_pipeline(tmp_path):
+    result = main(MaskDiTRecipe(), tiny_args(tmp_path, unmasked_finetune_steps=1))
+    out = tmp_path / "run"
+    assert result["finished"] and result["global_step"] == 4 and np.isfinite(result["final_loss"])
+    for name in ("model_index.json", "README.md", "sample_grid.png", "train_results.json", "checkpoint-4"):
+        assert (out / name).exists(), name
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, MaskDiTPipeline)
+    assert pipe.id2label[9] == "Ankle boot"
+    img = pipe(["Sneaker", "Bag"], num_inference_steps=2, output_type="np").images
+    assert img.shape == (2, 28, 28, 1)
+    card = (out / "README.md").read_text()
+    assert "MaskDiT" in card and "Fashion-MNIST" in card and "library_name: diffusers" in card
+    assert Image.open(out / "sample_grid.png").size[0] >= 28
+
+
+@needs_fmnist
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    main(MaskDiTRecipe(), tiny_args(tmp_path, out="straight"))
+    main(MaskDiTRecipe(), tiny_args(tmp_path, out="resumed", stop_after_steps=2))
+    partial = tmp_path / "resumed"
+    assert (partial / "checkpoint-2").exists() and not (partial / "model_index.json").exists()
+    # a half-written checkpoint (killed mid-save) must not be picked as "latest"
+    (partial / ".checkpoint-3.tmp").mkdir()
+    main(MaskDiTRecipe(), tiny_args(tmp_path, out="resumed", resume_from_checkpoint="latest"))
+    a = load_file(tmp_path / "straight" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(partial / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((tmp_path / "straight" / "train_results.json").read_text())
+    rb = json.loads((partial / "train_results.json").read_text())
+    assert ra["final_loss"] == rb["final_loss"]
+
+
+@needs_fmnist
+def test_checkpoints_total_limit_and_corrupt_checkpoint(tmp_path):
+    main(MaskDiTRecipe(), tiny_args(tmp_path, checkpoints_total_limit=1, checkpointing_steps=1))
+    ckpts = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-4"]
+    bad = tmp_path / "run" / "checkpoint-4"
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="Could not resume"):
+        main(MaskDiTRecipe(), tiny_args(tmp_path, resume_from_checkpoint=str(bad), max_train_steps=6))
+
+
+def test_bad_flags_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        parse_args(MaskDiTRecipe(), ["--mask_ratio", "1.0"])
+    with pytest.raises(ValueError, match="cache_latents needs --vae_path"):
+        parse_args(MaskDiTRecipe(), ["--cache_latents"])
+    with pytest.raises(ValueError, match="unmasked_finetune_steps"):
+        parse_args(MaskDiTRecipe(), ["--max_train_steps", "5", "--unmasked_finetune_steps", "6"])
+
+
+@needs_fmnist
+def test_bad_data_fails_early(tmp_path):
+    with pytest.raises(ValueError, match="in_channels 3 does not match"):
+        main(MaskDiTRecipe(), tiny_args(tmp_path, in_channels=3))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        main(MaskDiTRecipe(), tiny_args(tmp_path, train_data_dir=str(empty)))
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        main(MaskDiTRecipe(), tiny_args(tmp_path, resolution=30))
+
+
+def test_image_folder_with_class_subfolders_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    args = tiny_args(tmp_path, train_data_dir=str(tmp_path / "data"), resolution=14, random_flip=True)
+    args[args.index("--max_train_steps") + 1] = "2"
+    main(MaskDiTRecipe(), args)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.transformer.config.in_channels == 3 and pipe.id2label == {0: "cats", 1: "dogs"}
+    assert pipe("dogs", num_inference_steps=2, output_type="np").images.shape == (1, 14, 14, 3)
+
+
+def test_vae_latent_cache(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+    cfg = tmp_path / "tiny.json"
+    args = tiny_args(tmp_path, train_data_dir=str(tmp_path / "data"), vae_path=str(tmp_path / "vae"), cache_latents=True)
+    TINY_LAT = {**TINY, "patch_size": 2}
+    args[args.index("--model_config") + 1] = str(cfg)
+    cfg.write_text(json.dumps(TINY_LAT))
+    args[args.index("--max_train_steps") + 1] = "2"
+    main(MaskDiTRecipe(), args)
+    meta = json.loads((tmp_path / "run" / "latent_cache" / "meta.json").read_text())
+    assert meta["shape"] == [16, 8, 8, 8] and meta["flip"]  # 8 images + 8 flips, mean+logvar of 4 channels
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.vae is not None and pipe.transformer.config.in_channels == 4
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_hub_upload_is_prepared_without_network(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffusers_masked.training import hub
+
+    args = parse_args(MaskDiTRecipe(), ["--push_to_hub", "--hub_model_id", "me/maskdit", "--hub_token", "tok"])
+    upload = prepare_hub_upload(args, tmp_path)
+    assert upload["repo_id"] == "me/maskdit" and upload["folder_path"] == str(tmp_path)
+    assert "checkpoint-*" in upload["ignore_patterns"] and upload["ignore_patterns"] == HUB_IGNORE_PATTERNS
+    calls = {}
+
+    class Repo:
+        repo_id = "me/maskdit"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: calls.setdefault("create", (a, k)) and Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **k: calls.setdefault("upload", k))
+    assert hub.push_to_hub(args, tmp_path) == "me/maskdit"
+    assert calls["upload"]["repo_id"] == "me/maskdit" and calls["create"][0] == ("me/maskdit",)
+    with pytest.raises(ValueError, match="hub_model_id"):
+        prepare_hub_upload(parse_args(MaskDiTRecipe(), ["--push_to_hub"]), tmp_path)
+
+
+@needs_fmnist
+def test_two_process_cpu_run(tmp_path):
+    args = tiny_args(tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_examples" / "train_maskdit.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "model_index.json").exists()
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 28, 28, 1)
