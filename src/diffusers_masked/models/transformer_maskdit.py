@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from .layers import (
@@ -54,7 +55,7 @@ class MaskDiTEncoderToDecoder(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
-class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin):
+class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""MaskDiT: a DiT encoder that sees only the unmasked tokens and a light decoder over all tokens.
 
     Training (``mask_ratio > 0``): patch tokens (+ fixed sin-cos positions) are masked at random, keeping the same
@@ -64,6 +65,11 @@ class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin):
 
     The model is a raw network: what ``sample`` means (EDM's F, epsilon, v) is fixed by the scheduler it is trained
     and sampled with (EDM by default, as the paper).
+
+    LoRA (peft, through diffusers' `PeftAdapterMixin`): attention projections are named ``to_q``, ``to_k``, ``to_v``,
+    ``to_out.0`` and MLPs ``ff.net.0.proj`` / ``ff.net.2``. Sensible targets: the encoder attention (the heavy
+    part, ``encoder_blocks.*.attn1.to_*``); add the decoder (``decoder_blocks.*``) when the new data changes fine
+    detail, since the decoder alone sees every token.
 
     Presets (`from_preset`, encoder sizes of the paper; decoder 8 blocks x 512 wide, 16 heads, for all):
 

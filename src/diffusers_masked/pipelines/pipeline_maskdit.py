@@ -8,11 +8,12 @@ import torch
 from diffusers.models import AutoencoderKL
 from diffusers.schedulers import SchedulerMixin
 
+from ..loaders import MaskedTransformerLoraLoaderMixin
 from ..models.transformer_maskdit import MaskDiTTransformer2DModel
 from .pipeline_base import MaskedTransformerPipelineBase
 
 
-class MaskDiTPipeline(MaskedTransformerPipelineBase):
+class MaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMixin):
     r"""Class-conditional image generation with a MaskDiT transformer and any diffusers scheduler.
 
     Models trained with the EDM objective (the default) are sampled with `EDMEulerScheduler` or

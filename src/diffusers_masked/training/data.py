@@ -106,6 +106,12 @@ def load_image_dataset(args: Any):
         if not files:
             raise ValueError(f"--train_data_dir {root} is empty: put images in it (optionally in class sub-folders).")
         ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+        parents = {p.parent for p in files}
+        if args.label_column not in ds.column_names and len(parents) == 1 and next(iter(parents)) != root:
+            # imagefolder infers no label from a single class folder; keep its name (useful to fine-tune one class).
+            names = [next(iter(parents)).name]
+            ds = ds.add_column(args.label_column, [0] * len(ds))
+            ds = ds.cast_column(args.label_column, datasets.ClassLabel(names=names))
     elif args.dataset_name:
         ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
     else:

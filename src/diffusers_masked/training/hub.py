@@ -68,7 +68,14 @@ def write_model_card(trainer: Any, metrics: Dict[str, Any]) -> Path:
         metrics="\n".join(f"- {k}: {v}" for k, v in metrics.items()),
         **trainer.recipe.card_fields(trainer),
     )
-    card = ModelCard.from_template(card_data, template_path=str(card_template_path(trainer.recipe.model_card)), **fields)
+    template = trainer.recipe.model_card
+    if args.lora_rank:
+        template = "lora.md"
+        fields.update(base_model=args.pretrained_model_name_or_path, lora_rank=args.lora_rank,
+                      lora_alpha=args.lora_alpha or args.lora_rank, lora_targets=args.lora_target_modules,
+                      trainable_parameters=f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M")
+        card_data.tags = card_data.tags + ["lora"]
+    card = ModelCard.from_template(card_data, template_path=str(card_template_path(template)), **fields)
     path = Path(args.output_dir) / "README.md"
     card.save(str(path))
     return path

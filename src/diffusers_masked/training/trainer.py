@@ -82,6 +82,12 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Label dropout for classifier-free guidance (default: the model config's).")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--lora_rank", type=int, default=0, help="Train a LoRA of this rank on top of "
+                   "--pretrained_model_name_or_path instead of all weights (0 = full training).")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
+                   help="Comma-separated module names (peft target_modules).")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
 
     g = p.add_argument_group("optimisation")
@@ -144,6 +150,9 @@ def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argp
         (args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1"),
         (not args.cache_latents or args.vae_path, "--cache_latents needs --vae_path"),
         (args.learning_rate > 0, "--learning_rate must be > 0"),
+        (args.lora_rank >= 0, "--lora_rank must be >= 0"),
+        (not args.lora_rank or args.pretrained_model_name_or_path,
+         "--lora_rank needs --pretrained_model_name_or_path: the trained pipeline (folder or Hub id) to adapt"),
     ]
     for ok, message in checks:
         if not ok:
@@ -325,6 +334,7 @@ class Trainer:
     def _build_model(self) -> None:
         args, recipe = self.args, self.recipe
         num_classes = len(self.class_names) if self.class_names else None
+        self.label_lookup = None
         if args.pretrained_model_name_or_path:
             model = recipe.model_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
             cfg = model.config
@@ -333,10 +343,22 @@ class Trainer:
                     f"The pretrained transformer takes {cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size} inputs "
                     f"but the data gives {self.model_channels}x{self.sample_size}x{self.sample_size}."
                 )
+            self._map_labels_to_pretrained(cfg.num_classes)
         else:
             model = recipe.build_model(args, self.sample_size, self.model_channels, num_classes)
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        if args.lora_rank:
+            from peft import LoraConfig
+
+            model.requires_grad_(False)
+            targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+            model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                         lora_dropout=args.lora_dropout, init_lora_weights="gaussian",
+                                         target_modules=targets))
+            if args.use_ema:
+                logger.warning("--use_ema is ignored in a LoRA run (only the adapter trains).")
+                args.use_ema = False
         model.train()
         self.model = model
         self.ema = None
@@ -359,6 +381,29 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.state)
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
+
+    def _map_labels_to_pretrained(self, num_classes: Optional[int]) -> None:
+        """Fine-tuning data may name only some of the base model's classes (e.g. one class folder): map its class
+        names onto the base model's ids by name so that labels keep their meaning."""
+        path = Path(self.args.pretrained_model_name_or_path) / "model_index.json"
+        base = json.loads(path.read_text()).get("id2label") if path.is_file() else None
+        if num_classes is None or not self.class_names:
+            return
+        if not base:
+            if len(self.class_names) != num_classes:
+                raise ValueError(f"The data has {len(self.class_names)} classes, the pretrained model {num_classes}.")
+            return
+        base = {int(k): v for k, v in base.items()}
+        by_name = {}
+        for idx, names in base.items():
+            for name in str(names).split(","):
+                by_name[name.strip()] = idx
+        unknown = [n for n in self.class_names if n not in by_name]
+        if unknown:
+            raise ValueError(f"Class names {unknown} of the data are not classes of the pretrained model "
+                             f"({sorted(by_name)}); name the class folders after the model's classes.")
+        self.label_lookup = torch.tensor([by_name[n] for n in self.class_names], device=self.accelerator.device)
+        self.id2label, self.class_names = base, [base[i] for i in sorted(base)]
 
     def build_optimizer(self, params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
         args = self.args
@@ -479,6 +524,27 @@ class Trainer:
         pipe.save_pretrained(self.output_dir, safe_serialization=True)
         return self.output_dir
 
+    def _sample_base_grid(self) -> None:
+        """In a LoRA run: the base model's grid before training, for a before/after comparison."""
+        model = self.unwrapped_model
+        model.disable_adapters()
+        try:
+            self.sample_grid(self.output_dir / "sample_grid_before.png")
+        finally:
+            model.enable_adapters()
+
+    def save_lora(self) -> Path:
+        """Write only the adapter: OUTPUT_DIR/pytorch_lora_weights.safetensors (load with `pipe.load_lora_weights`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        model = self.unwrapped_model
+        self.recipe.pipeline_cls.save_lora_weights(
+            self.output_dir,
+            transformer_lora_layers=get_peft_model_state_dict(model),
+            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+        )
+        return self.output_dir / "pytorch_lora_weights.safetensors"
+
     def write_model_card(self, metrics: Dict[str, Any]) -> Path:
         from .hub import write_model_card
 
@@ -492,6 +558,8 @@ class Trainer:
         if acc.is_main_process:
             acc.init_trackers(f"{recipe.name}", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         self.maybe_resume()
+        if args.lora_rank and self.state.global_step == 0 and acc.is_main_process:
+            self._sample_base_grid()
         model_cfg = self.unwrapped_model.config
         n_params = sum(p.numel() for p in self.unwrapped_model.parameters())
         logger.info("%s: %.2fM parameters, input %dx%dx%d, %d samples, global batch %d", type(self.unwrapped_model).__name__,
@@ -514,7 +582,10 @@ class Trainer:
             for batch in self.dataloader:
                 with acc.accumulate(self.model):
                     x0 = self.clean_batch(batch)
-                    cond = recipe.conditioning_kwargs({k: v.to(acc.device) for k, v in batch.items()}, self.unwrapped_model, args, gen)
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    if self.label_lookup is not None:
+                        batch["class_labels"] = self.label_lookup[batch["class_labels"]]
+                    cond = recipe.conditioning_kwargs(batch, self.unwrapped_model, args, gen)
                     ratio = recipe.mask_ratio(args, self.state.global_step, gen)
                     loss, logs = recipe.compute_loss(self.model, self.objective, x0, cond, ratio, args, gen)
                     acc.backward(loss)
@@ -564,7 +635,10 @@ class Trainer:
         out = self.output_dir
         grid_path = out / "sample_grid.png"
         self.sample_grid(grid_path)
-        self.save_pipeline()
+        if self.args.lora_rank:
+            self.save_lora()
+        else:
+            self.save_pipeline()
         result["sample_grid"] = str(grid_path)
         (out / "train_results.json").write_text(json.dumps(result, indent=2))
         self.write_model_card(result)
