@@ -7,11 +7,19 @@ Importing this package registers its pipeline and model classes with `diffusers`
 __version__ = "0.1.0"
 
 from .models import MaskDiTTransformer2DModel, MaskedTransformer2DModelOutput
+from .models import MDTv2Transformer2DModel
 from .pipelines import MaskDiTPipeline
+from .pipelines import MDTv2Pipeline
+from .models import DeferredMaskDiTTransformer2DModel
+from .pipelines import DeferredMaskDiTPipeline
 
 _EXPORTED_TO_DIFFUSERS = {
     "MaskDiTTransformer2DModel": MaskDiTTransformer2DModel,
     "MaskDiTPipeline": MaskDiTPipeline,
+    "MDTv2Transformer2DModel": MDTv2Transformer2DModel,
+    "MDTv2Pipeline": MDTv2Pipeline,
+    "DeferredMaskDiTTransformer2DModel": DeferredMaskDiTTransformer2DModel,
+    "DeferredMaskDiTPipeline": DeferredMaskDiTPipeline,
 }
 
 
@@ -27,4 +35,4 @@ def _register_with_diffusers() -> None:
 
 _register_with_diffusers()
 
-__all__ = ["MaskDiTPipeline", "MaskDiTTransformer2DModel", "MaskedTransformer2DModelOutput"]
+__all__ = ["MaskDiTPipeline", "MaskDiTTransformer2DModel", "MaskedTransformer2DModelOutput", "MDTv2Pipeline", "MDTv2Transformer2DModel", "DeferredMaskDiTPipeline", "DeferredMaskDiTTransformer2DModel"]

@@ -1,10 +1,17 @@
 from .masking import TokenMask, gather_tokens, num_kept_tokens, random_token_mask, restore_tokens, scatter_tokens
 from .modeling_common import MaskedTransformer2DModelOutput
 from .transformer_maskdit import MaskDiTTransformer2DModel
+from .transformer_mdt import MDTv2Transformer2DModel
+from .moe import ExpertChoiceFeedForward
+from .transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel, layerwise_block_widths
 
 __all__ = [
     "MaskDiTTransformer2DModel",
     "MaskedTransformer2DModelOutput",
+    "MDTv2Transformer2DModel",
+    "DeferredMaskDiTTransformer2DModel",
+    "ExpertChoiceFeedForward",
+    "layerwise_block_widths",
     "TokenMask",
     "gather_tokens",
     "num_kept_tokens",

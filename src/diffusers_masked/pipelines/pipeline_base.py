@@ -90,6 +90,7 @@ class MaskedTransformerPipelineBase(DiffusionPipeline):
         generator: Optional[Union[torch.Generator, List[torch.Generator]]],
         latents: Optional[torch.Tensor],
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+        guidance_channels: Optional[int] = None,
     ) -> torch.Tensor:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
@@ -120,7 +121,11 @@ class MaskedTransformerPipelineBase(DiffusionPipeline):
             if use_cfg:
                 eps_cond, eps_uncond = eps.chunk(2)
                 w = self.guidance_scale_at(guidance_scale, i, t)
-                eps = eps_uncond + w * (eps_cond - eps_uncond)
+                guided = eps_uncond + w * (eps_cond - eps_uncond)
+                if guidance_channels is not None:
+                    # Guide only the first channels and keep the rest conditional (the official DiT / MDT CFG code).
+                    guided = torch.cat([guided[:, :guidance_channels], eps_cond[:, guidance_channels:]], dim=1)
+                eps = guided
                 rest = rest.chunk(2)[0]
             if self._passes_variance():
                 if rest.shape[1] != channels:

@@ -1,0 +1,598 @@
+"""DeferredMaskDiT: MicroDiT's deferred masking (Sehwag et al., "Stretching Each Dollar: Diffusion Training from
+Scratch on a Micro-Budget") as a diffusers model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+
+from .layers import (
+    Attention,
+    DiTBlock,
+    FeedForward,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    init_dit_weights,
+    maybe_checkpoint,
+    round_up,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+from .masking import gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
+from .modeling_common import (
+    MaskedTransformer2DModelOutput,
+    PresetMixin,
+    check_class_labels,
+    check_image_input,
+    check_masking_args,
+    prepare_timestep,
+)
+from .moe import ExpertChoiceFeedForward
+
+MASK_STRATEGIES = ("deferred", "naive")
+
+#: Sizes of the official code (``MicroDiT_XL_2``, ``MicroDiT_Tiny_2``) plus a tiny size for tests and examples.
+DEFERRED_MASKDIT_SIZE_PRESETS = {
+    "XL": dict(
+        hidden_size=1024,
+        num_layers=28,
+        attention_head_dim=64,
+        patch_mixer_layers=6,
+        patch_mixer_hidden_size=768,
+        patch_mixer_mlp_ratio=4.0,
+    ),
+    "TINY": dict(
+        hidden_size=512,
+        num_layers=16,
+        attention_head_dim=32,
+        patch_mixer_layers=4,
+        patch_mixer_hidden_size=512,
+        patch_mixer_mlp_ratio=4.0,
+    ),
+    "DEBUG": dict(
+        hidden_size=64,
+        num_layers=4,
+        attention_head_dim=16,
+        patch_mixer_layers=2,
+        patch_mixer_hidden_size=48,
+        patch_mixer_mlp_ratio=2.0,
+        num_experts=4,
+        ff_multiple_of=16,
+        caption_channels=32,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer-wise scaling
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockWidths:
+    """Widths of one transformer block under layer-wise scaling.
+
+    Attributes:
+        attention_ratio (`float`): Self-attention width / token width.
+        attention_dim (`int`): Width of the q / k / v projections (``num_attention_heads * head_dim``).
+        num_attention_heads (`int`): Heads of the self-attention.
+        ff_ratio (`float`): Requested MLP expansion.
+        ff_inner_dim (`int`): Hidden width of the dense SwiGLU MLP or of each expert.
+        is_moe (`bool`): Whether the block uses the expert-choice MoE instead of the dense MLP.
+    """
+
+    attention_ratio: float
+    attention_dim: int
+    num_attention_heads: int
+    ff_ratio: float
+    ff_inner_dim: int
+    is_moe: bool
+
+
+def per_block_ratios(ratios: Union[float, Sequence[float]], num_layers: int) -> List[float]:
+    """``(first, last)`` -> ``num_layers`` values spread linearly (``np.linspace``, as the official presets);
+    a single number or exactly ``num_layers`` values are used as given."""
+    if isinstance(ratios, (int, float)):
+        return [float(ratios)] * num_layers
+    ratios = [float(r) for r in ratios]
+    if len(ratios) == num_layers:
+        return ratios
+    if len(ratios) == 2:
+        return [float(r) for r in np.linspace(ratios[0], ratios[1], num_layers)]
+    raise ValueError(
+        f"Width ratios must be one number, a (first, last) pair or one value per block ({num_layers}), got {ratios}."
+    )
+
+
+def attention_width(dim: int, ratio: float, head_dim: int) -> int:
+    """Self-attention width for ratio ``ratio``: ``int(dim * ratio)`` rounded up to a multiple of ``2 * head_dim``
+    (an even number of heads), except that a ratio of exactly 1 keeps ``dim`` (official MicroDiT rule)."""
+    if ratio == 1.0:
+        return dim
+    return 2 * head_dim * math.ceil(int(dim * ratio) / (2 * head_dim))
+
+
+def ff_width(dim: int, ratio: float, multiple_of: int, moe: bool) -> int:
+    """MLP hidden width: requested ``int(dim * ratio)``; a dense SwiGLU MLP keeps 2/3 of it (same parameters as a
+    two-matrix MLP), experts keep all of it; both rounded up to ``multiple_of`` (official MicroDiT rule)."""
+    hidden = int(dim * ratio)
+    if not moe:
+        hidden = int(2 * hidden / 3)
+    return round_up(hidden, multiple_of)
+
+
+def is_moe_block(index: int, num_layers: int, num_experts: int, experts_every_n: int, is_patch_mixer: bool) -> bool:
+    """Every ``experts_every_n``-th block (1-based) is MoE; the backbone's last block never is, the patch-mixer's
+    first block never is (official placement: backbone 1, 3, ..., 25 of 28; mixer 1, 3, 5 of 6)."""
+    if num_experts <= 0 or experts_every_n <= 0 or (index + 1) % experts_every_n:
+        return False
+    return index >= 1 if is_patch_mixer else index < num_layers - 1
+
+
+def layerwise_block_widths(
+    hidden_size: int,
+    num_layers: int,
+    attention_head_dim: int,
+    attention_ratios: Union[float, Sequence[float]] = (0.5, 1.0),
+    ff_ratios: Union[float, Sequence[float]] = (0.5, 4.0),
+    ff_multiple_of: int = 256,
+    num_experts: int = 8,
+    experts_every_n: int = 2,
+    is_patch_mixer: bool = False,
+) -> List[BlockWidths]:
+    """Per-block widths of a stack under layer-wise scaling (attention and MLP widths grow linearly with depth).
+
+    For ``MicroDiT_XL_2`` (1024 wide, 28 blocks, head 64, ratios 0.5->1.0 and 0.5->4.0) block 0 has 512-wide
+    attention (8 heads) and a 512-wide SwiGLU, block 27 1024-wide attention (16 heads) and a 2816-wide SwiGLU.
+    """
+    att = per_block_ratios(attention_ratios, num_layers)
+    ff = per_block_ratios(ff_ratios, num_layers)
+    widths = []
+    for i in range(num_layers):
+        moe = is_moe_block(i, num_layers, num_experts, experts_every_n, is_patch_mixer)
+        att_dim = attention_width(hidden_size, att[i], attention_head_dim)
+        widths.append(
+            BlockWidths(
+                attention_ratio=att[i],
+                attention_dim=att_dim,
+                num_attention_heads=att_dim // attention_head_dim,
+                ff_ratio=ff[i],
+                ff_inner_dim=ff_width(hidden_size, ff[i], ff_multiple_of, moe),
+                is_moe=moe,
+            )
+        )
+    return widths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Caption path
+# ----------------------------------------------------------------------------------------------------------------
+class CaptionMLP(nn.Module):
+    """``linear_1 -> GELU(tanh) -> LayerNorm -> linear_2``: projects caption tokens and the pooled caption."""
+
+    def __init__(self, in_dim: int, dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=False)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.norm(nn.functional.gelu(self.linear_1(x), approximate="tanh")))
+
+
+class CaptionRefinerBlock(nn.Module):
+    """Plain pre-norm transformer block (self-attention + SwiGLU, no timestep modulation) over caption tokens.
+
+    Starts as the identity (zero output projections), so a fresh model sees the projected text-encoder features."""
+
+    def __init__(self, dim: int, attention_head_dim: int, ff_inner_dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=False)
+        self.attn = Attention(
+            dim, dim // attention_head_dim, attention_head_dim, bias=False, out_bias=False,
+            qk_norm="layer_norm_across_heads", eps=norm_eps,
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=False)
+        self.ff = FeedForward(dim, ff_inner_dim, activation_fn="swiglu", bias=False)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attention_mask=attention_mask)
+        return x + self.ff(self.norm2(x))
+
+
+def _patch_mixer_map(in_dim: int, out_dim: int, norm_eps: float) -> nn.Module:
+    # LayerNorm + Linear between the backbone width and the mixer width; nothing when they are equal (official).
+    if in_dim == out_dim:
+        return nn.Identity()
+    return nn.Sequential(nn.LayerNorm(in_dim, eps=norm_eps, bias=False), nn.Linear(in_dim, out_dim, bias=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""MicroDiT: a light patch-mixer over all tokens, then random masking, then the backbone on the kept tokens.
+
+    Training (``mask_ratio > 0``, 0.75 in the paper): patch tokens (+ fixed sin-cos positions) go through the
+    patch-mixer (a few transformer blocks) over ALL tokens, so every token carries information about the whole image;
+    only then are tokens masked ("deferred masking"), keeping the same number per sample, and the backbone runs on
+    the kept tokens only. There is no decoder and no extra loss: the prediction at masked positions is zero (in
+    output space, as the official code) and the loss uses kept tokens only (``output.mask`` marks them).
+    ``mask_strategy="naive"`` masks before the patch-mixer instead (the paper's baseline). Inference
+    (``mask_ratio == 0``) runs mixer and backbone over all tokens.
+
+    Backbone: layer-wise scaling (attention and MLP widths grow linearly over depth, `layerwise_block_widths`),
+    expert-choice mixture-of-experts MLPs in every second block but the last (`ExpertChoiceFeedForward`), SwiGLU dense
+    MLPs, QK-LayerNorm across heads, LayerNorms with a learnable scale and no bias, GELU(tanh) adaLN.
+    Conditioning: text-encoder caption tokens are projected, refined by ``num_caption_refiner_layers`` attention
+    blocks and cross-attended by every mixer and backbone block; their (masked) mean, through an MLP, is added to
+    the sinusoidal timestep embedding to form the adaLN conditioning. Class labels (``num_classes``) replace text as
+    an alternative, so the same model serves class-conditional data.
+
+    The model is a raw network: what ``sample`` means is fixed by the scheduler it is trained and sampled with
+    (EDM with ``sigma_data=0.9`` and ``prediction_type="epsilon"`` preconditioning by default, as the paper).
+
+    LoRA (peft, through diffusers' `PeftAdapterMixin`): attention projections are named ``to_q``, ``to_k``, ``to_v``,
+    ``to_out.0`` (``attn1`` self-, ``attn2`` cross-attention), dense MLPs ``ff.net.0.proj`` / ``ff.net.2``, MoE
+    routers ``ff.router``; expert weights are batched ``(experts, in, out)`` tensors ``ff.experts.up_proj`` /
+    ``ff.experts.down_proj`` that peft's ``target_parameters`` can adapt.
+
+    Presets (`from_preset`; patch 2, 4 or 8; ``caption_channels`` 1024 = the paper's OpenCLIP ViT-H text features):
+
+    | preset | backbone layers x width | head dim | attention ratio | MLP ratio | patch-mixer | experts | params (/2) |
+    |---|---|---|---|---|---|---|---|
+    | XL/2 (MicroDiT_XL_2) | 28 x 1024 | 64 | 0.5 -> 1.0 | 0.5 -> 4.0 | 6 x 768, MLP 4.0 | 8, capacity 2 | 1,165,442,320 |
+    | Tiny/2 (MicroDiT_Tiny_2) | 16 x 512 | 32 | 0.5 -> 1.0 | 0.5 -> 4.0 | 4 x 512, MLP 4.0 | 8, capacity 2 | 200,692,752 |
+    | Debug/2 (tests) | 4 x 64 | 16 | 0.5 -> 1.0 | 0.5 -> 4.0 | 2 x 48, MLP 2.0 | 4, capacity 2 | 588,384 |
+
+    Args:
+        sample_size (`int`, defaults to 32): Height = width of the input (latent or pixel) the positions are built for.
+        patch_size (`int`, defaults to 2): Patch side.
+        in_channels (`int`, defaults to 4): Input channels.
+        out_channels (`int`, *optional*): Output channels; defaults to ``in_channels``.
+        hidden_size (`int`, defaults to 1024): Backbone token width.
+        num_layers (`int`, defaults to 28): Backbone blocks.
+        attention_head_dim (`int`, defaults to 64): Width of one attention head (the head count varies per block).
+        attention_ratios (`tuple` or `list` of `float`, defaults to `(0.5, 1.0)`): Self-attention width / token width:
+            a (first, last) pair spread linearly over the backbone blocks, or one value per block.
+        ff_ratios (`tuple` or `list` of `float`, defaults to `(0.5, 4.0)`): Requested MLP expansion, same format.
+        ff_multiple_of (`int`, defaults to 256): MLP hidden widths are rounded up to a multiple of this.
+        patch_mixer_layers (`int`, defaults to 6): Patch-mixer blocks (0 = no mixer: deferred and naive masking agree).
+        patch_mixer_hidden_size (`int`, defaults to 768): Patch-mixer width (mapped in from and out to
+            ``hidden_size`` with LayerNorm + Linear when different).
+        patch_mixer_attention_ratio (`float`, defaults to 1.0): Patch-mixer self-attention width / mixer width.
+        patch_mixer_mlp_ratio (`float`, defaults to 4.0): Patch-mixer MLP expansion.
+        num_experts (`int`, defaults to 8): Experts per MoE MLP; 0 makes every MLP dense.
+        expert_capacity (`float`, defaults to 2.0): Capacity factor: each expert takes
+            ``int(expert_capacity * tokens / num_experts)`` tokens, so a token gets this many experts on average.
+        experts_every_n (`int`, defaults to 2): Every n-th block is MoE (the backbone's last block never is).
+        caption_channels (`int`, *optional*, defaults to 1024): Width of the text-encoder tokens (``encoder_hidden_states``);
+            `None` for a model without text conditioning.
+        num_caption_refiner_layers (`int`, defaults to 1): Attention blocks refining the caption tokens.
+        caption_refiner_mlp_ratio (`float`, defaults to 4.0): MLP expansion of the caption refiner (SwiGLU, 2/3 of it).
+        num_classes (`int`, *optional*): Number of classes for class conditioning instead of text (set
+            ``caption_channels=None``); id ``num_classes`` is the unconditional (null) class.
+        class_dropout_prob (`float`, defaults to 0.1): Share of labels / captions the trainer replaces by the null
+            class / an all-zero caption (classifier-free guidance).
+        mask_strategy (`str`, defaults to `"deferred"`): ``"deferred"`` masks after the patch-mixer (MicroDiT),
+            ``"naive"`` before it.
+        train_mask_ratio (`float`, defaults to 0.75): Mask ratio the training recipe uses; `forward` masks only what
+            its ``mask_ratio`` argument says (0 by default, for inference).
+        timestep_frequency_dim (`int`, defaults to 512): Sinusoidal timestep features.
+        pos_interpolation_scale (`float`, defaults to 1.0): Divides the sin-cos positions (2.0 for 512 px in the paper).
+        attention_bias (`bool`, defaults to `False`): Biases in attention, MLP and mixer-map linears.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock", "CaptionRefinerBlock"]
+    _size_presets = DEFERRED_MASKDIT_SIZE_PRESETS
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: Optional[int] = None,
+        hidden_size: int = 1024,
+        num_layers: int = 28,
+        attention_head_dim: int = 64,
+        attention_ratios: Sequence[float] = (0.5, 1.0),
+        ff_ratios: Sequence[float] = (0.5, 4.0),
+        ff_multiple_of: int = 256,
+        patch_mixer_layers: int = 6,
+        patch_mixer_hidden_size: int = 768,
+        patch_mixer_attention_ratio: float = 1.0,
+        patch_mixer_mlp_ratio: float = 4.0,
+        num_experts: int = 8,
+        expert_capacity: float = 2.0,
+        experts_every_n: int = 2,
+        caption_channels: Optional[int] = 1024,
+        num_caption_refiner_layers: int = 1,
+        caption_refiner_mlp_ratio: float = 4.0,
+        num_classes: Optional[int] = None,
+        class_dropout_prob: float = 0.1,
+        mask_strategy: str = "deferred",
+        train_mask_ratio: float = 0.75,
+        timestep_frequency_dim: int = 512,
+        pos_interpolation_scale: float = 1.0,
+        attention_bias: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}.")
+        if mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
+        if caption_channels is not None and num_classes is not None:
+            raise ValueError(
+                "Use either text conditioning (caption_channels) or class conditioning (num_classes), not both: "
+                "pass caption_channels=None for a class-conditional model."
+            )
+        for name, width in (("hidden_size", hidden_size), ("patch_mixer_hidden_size", patch_mixer_hidden_size)):
+            if width % attention_head_dim:
+                raise ValueError(f"{name}={width} must be divisible by attention_head_dim={attention_head_dim}.")
+        if num_experts < 0 or expert_capacity <= 0:
+            raise ValueError(f"Need num_experts >= 0 and expert_capacity > 0, got {num_experts}, {expert_capacity}.")
+
+        self.out_channels = out_channels if out_channels is not None else in_channels
+        grid = sample_size // patch_size
+        self.num_tokens = grid * grid
+        mixer_dim = patch_mixer_hidden_size if patch_mixer_layers > 0 else hidden_size
+
+        # Inputs and conditioning.
+        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(hidden_size, grid, pos_interpolation_scale), persistent=False
+        )
+        self.time_embed = TimestepEmbedder(hidden_size, timestep_frequency_dim, act_fn="gelu-approximate")
+        self.class_embed = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
+        if caption_channels is not None:
+            self.caption_projection = CaptionMLP(caption_channels, hidden_size, norm_eps)
+            refiner_ff = ff_width(hidden_size, caption_refiner_mlp_ratio, ff_multiple_of, moe=False)
+            self.caption_refiner = nn.ModuleList(
+                [
+                    CaptionRefinerBlock(hidden_size, attention_head_dim, refiner_ff, norm_eps)
+                    for _ in range(num_caption_refiner_layers)
+                ]
+            )
+            self.caption_pooled_projection = CaptionMLP(hidden_size, hidden_size, norm_eps)
+        else:
+            self.caption_projection = self.caption_refiner = self.caption_pooled_projection = None
+        text_dim = hidden_size if caption_channels is not None else None
+
+        # Patch-mixer (all tokens), with maps from / to the backbone width.
+        self.patch_mixer_proj_in = _patch_mixer_map(hidden_size, mixer_dim, norm_eps)
+        self.patch_mixer_proj_out = _patch_mixer_map(mixer_dim, hidden_size, norm_eps)
+        self.patch_mixer_caption_proj = (
+            _patch_mixer_map(hidden_size, mixer_dim, norm_eps) if text_dim is not None else None
+        )
+        mixer_widths = layerwise_block_widths(
+            mixer_dim, patch_mixer_layers, attention_head_dim, patch_mixer_attention_ratio, patch_mixer_mlp_ratio,
+            ff_multiple_of, num_experts, experts_every_n, is_patch_mixer=True,
+        )
+        self.patch_mixer_blocks = nn.ModuleList(
+            [self._make_block(mixer_dim, w, mixer_dim if text_dim else None) for w in mixer_widths]
+        )
+
+        # Backbone (kept tokens only while training).
+        self.block_widths = layerwise_block_widths(
+            hidden_size, num_layers, attention_head_dim, attention_ratios, ff_ratios, ff_multiple_of, num_experts,
+            experts_every_n,
+        )
+        self.transformer_blocks = nn.ModuleList(
+            [self._make_block(hidden_size, w, text_dim) for w in self.block_widths]
+        )
+        self.final_layer = FinalLayer(
+            hidden_size, hidden_size, patch_size, self.out_channels,
+            adaln_activation="gelu-approximate", norm_elementwise_affine=True, norm_eps=norm_eps,
+        )
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    def _make_block(self, dim: int, widths: BlockWidths, cross_attention_dim: Optional[int]) -> DiTBlock:
+        cfg = self.config
+        moe = None
+        if widths.is_moe:
+            moe = ExpertChoiceFeedForward(dim, widths.ff_inner_dim, cfg.num_experts, cfg.expert_capacity)
+        return DiTBlock(
+            dim,
+            widths.num_attention_heads,
+            cfg.attention_head_dim,
+            cond_dim=cfg.hidden_size,
+            ff_inner_dim=widths.ff_inner_dim,
+            activation_fn="swiglu",
+            attention_bias=cfg.attention_bias,
+            ff_bias=cfg.attention_bias,
+            norm_elementwise_affine=True,
+            norm_bias=False,
+            norm_eps=cfg.norm_eps,
+            qk_norm="layer_norm_across_heads",
+            cross_attention_dim=cross_attention_dim,
+            cross_attention_heads=dim // cfg.attention_head_dim if cross_attention_dim else None,
+            adaln_activation="gelu-approximate",
+            feed_forward=moe,
+        )
+
+    def _init_weights(self) -> None:
+        init_dit_weights(self)  # xavier linears, adaLN-Zero, zero output layer
+        trunc = nn.init.trunc_normal_
+        for mlp in (self.caption_projection, self.caption_pooled_projection):
+            if mlp is not None:
+                nn.init.normal_(mlp.linear_1.weight, std=0.02)
+                nn.init.normal_(mlp.linear_2.weight, std=0.02)
+        # Official "depth init": output projections of block i get std 0.02 / sqrt(2 (i + 1)); mixer blocks use
+        # the backbone's last value.
+        stacks = [(self.transformer_blocks, None), (self.patch_mixer_blocks, self.config.num_layers)]
+        for blocks, fixed_depth in stacks:
+            for i, block in enumerate(blocks):
+                out_std = 0.02 / math.sqrt(2 * (fixed_depth if fixed_depth is not None else i + 1))
+                for attn in (block.attn1, block.attn2):
+                    if attn is None:
+                        continue
+                    for lin in (attn.to_q, attn.to_k, attn.to_v):
+                        trunc(lin.weight, std=0.02)
+                    trunc(attn.to_out[0].weight, std=out_std)
+                if isinstance(block.ff, ExpertChoiceFeedForward):
+                    trunc(block.ff.router.weight, std=0.02)
+                    trunc(block.ff.experts.up_proj, std=0.02)
+                    trunc(block.ff.experts.down_proj, std=out_std)
+                else:
+                    trunc(block.ff.net[0].proj.weight, std=0.02)
+                    trunc(block.ff.net[2].weight, std=out_std)
+        # The caption refiner starts as the identity.
+        for block in self.caption_refiner or []:
+            nn.init.zeros_(block.attn.to_out[0].weight)
+            nn.init.zeros_(block.ff.net[2].weight)
+
+    @property
+    def null_class_id(self) -> Optional[int]:
+        """Class id of the unconditional class (``num_classes``), or `None` for a model without classes."""
+        return self.config.num_classes
+
+    @property
+    def is_text_conditioned(self) -> bool:
+        return self.config.caption_channels is not None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _caption_key_mask(
+        self, encoder_attention_mask: Optional[torch.Tensor], batch_size: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """(B, L) bool, True = real token; a row with no real token attends to all (avoids NaN softmax)."""
+        if encoder_attention_mask is None:
+            return torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        if encoder_attention_mask.shape != (batch_size, length):
+            raise ValueError(
+                f"encoder_attention_mask must have shape (batch, caption_tokens) = ({batch_size}, {length}) with "
+                f"1 for real tokens and 0 for padding, got {tuple(encoder_attention_mask.shape)}."
+            )
+        keep = encoder_attention_mask.to(device) > 0
+        return keep | ~keep.any(dim=1, keepdim=True)
+
+    def encode_captions(
+        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project and refine caption tokens.
+
+        Returns:
+            tokens (B, L, hidden_size): refined caption tokens for cross-attention; pooled (B, hidden_size): their
+            mean over real tokens through an MLP (added to the timestep embedding); key_mask (B, L) bool.
+        """
+        b, length, _ = encoder_hidden_states.shape
+        keep = self._caption_key_mask(encoder_attention_mask, b, length, encoder_hidden_states.device)
+        attn_mask = keep[:, None, None, :]
+        y = self.caption_projection(encoder_hidden_states)
+        for block in self.caption_refiner:
+            y = maybe_checkpoint(self, block, y, attn_mask)
+        weights = keep.to(y.dtype).unsqueeze(-1)
+        pooled = (y * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return y, self.caption_pooled_projection(pooled), keep
+
+    def _check_text_inputs(self, encoder_hidden_states: Optional[torch.Tensor], batch_size: int) -> None:
+        name = type(self).__name__
+        if not self.is_text_conditioned:
+            if encoder_hidden_states is not None:
+                raise ValueError(
+                    f"This {name} has no text conditioning (caption_channels=None); do not pass encoder_hidden_states."
+                )
+            return
+        c = self.config.caption_channels
+        if encoder_hidden_states is None:
+            raise ValueError(
+                f"This {name} is text-conditioned: pass encoder_hidden_states of shape ({batch_size}, tokens, {c}) "
+                "(text-encoder last hidden state); use an all-zero tensor for the unconditional caption."
+            )
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch_size or encoder_hidden_states.shape[2] != c:
+            raise ValueError(
+                f"encoder_hidden_states must have shape ({batch_size}, tokens, {c}), got "
+                f"{tuple(encoder_hidden_states.shape)}; caption_channels must equal the text encoder's hidden size."
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: Union[torch.Tensor, float, int],
+        class_labels: Optional[torch.LongTensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        mask_ratio: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        ids_keep: Optional[torch.LongTensor] = None,
+        return_dict: bool = True,
+    ) -> Union[MaskedTransformer2DModelOutput, tuple]:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape (B, in_channels, sample_size, sample_size)): Noisy input (already
+                scaled by the scheduler's `scale_model_input`).
+            timestep (`torch.Tensor` or number): Scalar or (B,): EDM's ``c_noise = ln(sigma) / 4`` or a DDPM step.
+            class_labels (`torch.LongTensor` of shape (B,), *optional*): Class ids for a class-conditional model;
+                ``num_classes`` = unconditional.
+            encoder_hidden_states (`torch.Tensor` of shape (B, L, caption_channels), *optional*): Text-encoder tokens
+                for a text-conditioned model; all zeros = the unconditional caption.
+            encoder_attention_mask (`torch.Tensor` of shape (B, L), *optional*): 1 (or True) for real caption tokens,
+                0 for padding; `None` = all real.
+            mask_ratio (`float`, defaults to 0.0): Share of tokens removed before the backbone, in [0, 1).
+            generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
+            ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
+                mask (``mask_ratio`` is then ignored).
+            return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
+
+        Returns:
+            ``sample`` (B, out_channels, H, W): the prediction, zero at masked tokens (only kept tokens are trained);
+            ``mask`` (B, N) bool, True where a token was masked, or `None` when nothing was masked.
+        """
+        check_image_input(self, hidden_states)
+        check_masking_args(mask_ratio, ids_keep, self.num_tokens)
+        b, _, h, w = hidden_states.shape
+        device = hidden_states.device
+        self._check_text_inputs(encoder_hidden_states, b)
+        timestep = prepare_timestep(timestep, b, device)
+        class_labels = check_class_labels(self, class_labels, b)
+
+        cond = self.time_embed(timestep, hidden_states.dtype)
+        if self.class_embed is not None:
+            cond = cond + self.class_embed(class_labels)
+        text = text_mask = mixer_text = None
+        if self.is_text_conditioned:
+            text, pooled, keep = self.encode_captions(encoder_hidden_states.to(hidden_states.dtype), encoder_attention_mask)
+            cond = cond + pooled
+            text_mask = keep[:, None, None, :]
+            mixer_text = self.patch_mixer_caption_proj(text)
+
+        token_mask = None
+        if ids_keep is not None:
+            token_mask = token_mask_from_ids_keep(ids_keep.to(device), self.num_tokens)
+        elif mask_ratio > 0:
+            token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
+        deferred = self.config.mask_strategy == "deferred"
+
+        x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
+        if token_mask is not None and not deferred:
+            x = gather_tokens(x, token_mask.ids_keep)
+        x = self.patch_mixer_proj_in(x)
+        for block in self.patch_mixer_blocks:
+            x = maybe_checkpoint(self, block, x, cond, None, mixer_text, text_mask)
+        if token_mask is not None and deferred:
+            # Deferred masking: every kept token has already mixed with all tokens.
+            x = gather_tokens(x, token_mask.ids_keep)
+        x = self.patch_mixer_proj_out(x)
+        for block in self.transformer_blocks:
+            x = maybe_checkpoint(self, block, x, cond, None, text, text_mask)
+        x = self.final_layer(x, cond)
+        if token_mask is not None:
+            # No decoder: masked tokens get a zero prediction and are left out of the loss.
+            x = restore_tokens(x, token_mask.ids_restore, x.new_zeros(x.shape[-1]))
+        sample = unpatchify(x, self.config.patch_size, self.out_channels, h, w)
+        mask = token_mask.mask if token_mask is not None else None
+        if not return_dict:
+            return (sample, mask)
+        return MaskedTransformer2DModelOutput(sample=sample, mask=mask)

@@ -1,0 +1,3 @@
+from .text_encoders import DEFAULT_TEXT_ENCODER_PACKAGE, default_text_encoder_path, load_default_text_encoder
+
+__all__ = ["DEFAULT_TEXT_ENCODER_PACKAGE", "default_text_encoder_path", "load_default_text_encoder"]

@@ -1,0 +1,173 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EDMEulerScheduler
+
+from diffusers_masked import MDTv2Pipeline, MDTv2Transformer2DModel
+from diffusers_masked.pipelines.pipeline_mdt import power_cosine_guidance_scale
+
+
+def tiny_transformer():
+    model = MDTv2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=4,
+        num_decoder_layers=2,
+        num_attention_heads=2,
+        num_classes=3,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    return model.eval()
+
+
+def make_pipe(scheduler=None):
+    scheduler = scheduler or MDTv2Pipeline.default_scheduler()
+    return MDTv2Pipeline(tiny_transformer(), scheduler, id2label={0: "cat", 1: "dog", 2: "fish"})
+
+
+def run(pipe, **kwargs):
+    args = dict(class_labels=[0, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    args.update(kwargs)
+    return pipe(**args).images
+
+
+@pytest.mark.parametrize("g,p", [(3.8, 4.0), (4.0, 0.01), (2.0, 1.0)])
+def test_power_cosine_formula(g, p):
+    T = 1000
+    assert power_cosine_guidance_scale(g, p, 0, T) == pytest.approx(g)
+    assert power_cosine_guidance_scale(g, p, T, T) == pytest.approx(1.0)
+    mid = (g - 1) * (1 - math.cos(math.pi * 0.5**p)) / 2 + 1
+    assert power_cosine_guidance_scale(g, p, 500, T) == pytest.approx(mid)
+    tens = power_cosine_guidance_scale(g, p, torch.tensor([0.0, 500.0, 1000.0]), T)
+    torch.testing.assert_close(tens, torch.tensor([g, mid, 1.0], dtype=torch.float64))
+
+
+def test_power_cosine_known_values():
+    # Values for the paper's FID setting (cfg 3.8, power 4): guidance is ~off until t ~ 500.
+    assert power_cosine_guidance_scale(3.8, 4.0, 999) == pytest.approx(1.0, abs=1e-6)
+    assert power_cosine_guidance_scale(3.8, 4.0, 500) == pytest.approx(1.0 + 2.8 * (1 - math.cos(math.pi / 16)) / 2)
+    assert 1.6 < power_cosine_guidance_scale(3.8, 4.0, 250) < 1.7
+
+
+def test_guidance_scale_at_uses_schedule():
+    pipe = make_pipe()
+    pipe._guidance_power, pipe._guidance_schedule = 4.0, "power-cosine"
+    assert pipe.guidance_scale_at(3.8, 0, torch.tensor(0)) == pytest.approx(3.8)
+    assert pipe.guidance_scale_at(3.8, 0, torch.tensor(999)) == pytest.approx(1.0, abs=1e-6)
+    pipe._guidance_schedule = "constant"
+    assert pipe.guidance_scale_at(3.8, 0, torch.tensor(999)) == 3.8
+
+
+def test_pipeline_records_scales_per_step():
+    pipe = make_pipe()
+    seen = []
+    original = pipe.guidance_scale_at
+
+    def spy(g, i, t):
+        w = original(g, i, t)
+        seen.append((int(t), w))
+        return w
+
+    pipe.guidance_scale_at = spy
+    run(pipe, guidance_scale=3.8, guidance_power=4.0)
+    assert [t for t, _ in seen] == [999, 666, 333, 0]
+    for t, w in seen:
+        assert w == pytest.approx(power_cosine_guidance_scale(3.8, 4.0, t, 1000))
+
+
+def test_deterministic_and_shape():
+    pipe = make_pipe()
+    a = run(pipe)
+    b = run(pipe)
+    assert a.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(a, b)
+    c = run(pipe, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, c)
+
+
+def test_schedule_changes_output():
+    pipe = make_pipe()
+    a = run(pipe, guidance_schedule="power-cosine", output_type="latent")
+    b = run(pipe, guidance_schedule="constant", output_type="latent")
+    c = run(pipe, guidance_scale=1.0, output_type="latent")
+    assert not torch.allclose(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_default_steps_is_250():
+    import inspect
+
+    assert inspect.signature(MDTv2Pipeline.__call__).parameters["num_inference_steps"].default == 250
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        MDTv2Pipeline.default_scheduler(),
+        DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False),
+        DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),
+    ],
+    ids=["ddpm-learned-range", "ddim", "dpm-solver"],
+)
+def test_schedulers(scheduler):
+    pipe = make_pipe(scheduler)
+    images = run(pipe, output_type="np")
+    assert images.shape == (2, 8, 8, 4) and np.isfinite(images).all()
+
+
+def test_learned_variance_passed_to_ddpm():
+    pipe = make_pipe()
+    shapes = []
+    step = pipe.scheduler.step
+
+    def spy(model_output, *a, **k):
+        shapes.append(model_output.shape[1])
+        return step(model_output, *a, **k)
+
+    pipe.scheduler.step = spy
+    run(pipe)
+    assert shapes == [8] * 4
+
+
+def test_class_names_and_save_load_roundtrip(tmp_path):
+    pipe = make_pipe()
+    a = run(pipe, class_labels=["cat", "fish"])
+    torch.testing.assert_close(a, run(pipe, class_labels=[0, 2]))
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded, MDTv2Pipeline)
+    assert isinstance(loaded.transformer, MDTv2Transformer2DModel)
+    assert loaded.id2label == {0: "cat", 1: "dog", 2: "fish"}
+    torch.testing.assert_close(run(loaded), a)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(class_labels=None),
+        dict(class_labels=[5]),
+        dict(class_labels=["horse"]),
+        dict(guidance_schedule="linear"),
+        dict(guidance_power=0.0),
+        dict(num_inference_steps=0),
+        dict(output_type="jpg"),
+        dict(latents=torch.randn(1, 4, 8, 8)),
+    ],
+)
+def test_bad_inputs_raise(kwargs):
+    pipe = make_pipe()
+    with pytest.raises(ValueError):
+        run(pipe, **kwargs)
+
+
+def test_power_cosine_rejects_edm_scheduler():
+    pipe = make_pipe(EDMEulerScheduler())
+    with pytest.raises(ValueError, match="DDPM-family"):
+        run(pipe)

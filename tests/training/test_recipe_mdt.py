@@ -1,0 +1,202 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffusers_masked import MDTv2Pipeline, MDTv2Transformer2DModel
+from diffusers_masked.training.objectives import DDPMObjective, NoisyBatch
+from diffusers_masked.training.optimizers import Adan
+from diffusers_masked.training.recipe_mdt import LearnedVarianceVLB, MDTv2Recipe, min_snr_weight
+
+REPO = Path(__file__).resolve().parents[2]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tiny_model():
+    model = MDTv2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=1, hidden_size=32, num_layers=4, num_decoder_layers=2,
+        num_attention_heads=2, num_classes=3,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    return model
+
+
+def args(**overrides):
+    base = dict(objective=None, mask_ratio=None, mask_ratio_range=[0.3, 0.5], min_snr_gamma=5.0, max_train_steps=100,
+                unmasked_finetune_steps=0, no_masked_branch=False, use_adan=False, num_decoder_layers=None,
+                learning_rate=1e-3, adam_weight_decay=0.0, adam_epsilon=1e-8)
+    base.update(overrides)
+    return SimpleNamespace(**base)
+
+
+class Spy(torch.nn.Module):
+    """Records the calls the recipe makes to the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.calls = []
+
+    @property
+    def side_interpolater(self):
+        return self.inner.side_interpolater
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append(dict(x=x.clone(), t=t.clone(), mask_ratio=kwargs.get("mask_ratio")))
+        return self.inner(x, t, **kwargs)
+
+
+def test_loss_has_both_branches_with_shared_t_and_independent_noise():
+    recipe = MDTv2Recipe()
+    a = args()
+    objective = recipe.build_objective(a)
+    assert isinstance(objective, DDPMObjective) and objective.learned_variance
+    model = Spy(tiny_model())
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    cond = {"class_labels": torch.tensor([0, 1, 2, 3])}
+    gen = torch.Generator().manual_seed(0)
+    loss, logs = recipe.compute_loss(model, objective, x0, cond, 0.4, a, gen)
+    assert [c["mask_ratio"] for c in model.calls] == [0.0, 0.4]
+    full, masked = model.calls
+    assert torch.equal(full["t"], masked["t"])
+    assert not torch.allclose(full["x"], masked["x"])
+    torch.testing.assert_close(loss, logs["loss_full"] + logs["m_loss"])
+    assert logs["m_loss"] > 0 and logs["loss_full"] > 0
+    loss.backward()
+    inner = model.inner
+    assert inner.side_interpolater.mask_token.grad is not None
+    assert all(p.grad is not None for p in inner.parameters())
+
+    model.calls.clear()
+    loss0, logs0 = recipe.compute_loss(model, objective, x0, cond, 0.0, a, torch.Generator().manual_seed(0))
+    assert [c["mask_ratio"] for c in model.calls] == [0.0]
+    assert "m_loss" not in logs0
+    torch.testing.assert_close(loss0, logs0["loss_full"])
+
+
+def test_mask_ratio_drawn_per_batch_in_range():
+    recipe = MDTv2Recipe()
+    gen = torch.Generator().manual_seed(0)
+    ratios = [recipe.mask_ratio(args(), 0, gen) for _ in range(200)]
+    assert all(0.3 <= r < 0.5 for r in ratios)
+    assert min(ratios) < 0.32 and max(ratios) > 0.48
+    assert recipe.mask_ratio(args(mask_ratio=0.3), 0, gen) == 0.3  # v1: fixed
+    assert recipe.mask_ratio(args(no_masked_branch=True), 0, gen) == 0.0
+    assert recipe.mask_ratio(args(unmasked_finetune_steps=10), 95, gen) == 0.0
+    with pytest.raises(ValueError):
+        recipe.mask_ratio(args(mask_ratio_range=[0.5, 0.3]), 0, gen)
+
+
+def test_min_snr_weight():
+    objective = DDPMObjective(learned_variance=True)
+    t = torch.tensor([0, 50, 100, 129, 131, 500, 999])
+    w = min_snr_weight(objective, t, 5.0)
+    a = objective.scheduler.alphas_cumprod[t].float()
+    snr = a / (1 - a)
+    torch.testing.assert_close(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] == pytest.approx(5 * 1e-4 / (1 - 1e-4), rel=1e-3)
+    assert torch.all(w[4:] == 1.0) and torch.all(w[:3] < 1.0)
+    assert torch.all(min_snr_weight(objective, t, 0.0) == 1.0)
+
+
+def test_vlb_zero_for_true_posterior_and_positive_otherwise():
+    objective = DDPMObjective(learned_variance=True)
+    vlb = LearnedVarianceVLB(objective)
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([10, 400, 999])
+    noisy = objective.scheduler.add_noise(x0, noise, t)
+    batch = NoisyBatch(model_input=noisy, timestep=t, noisy=noisy, noise=noise, level=t)
+    # Exact noise and frac = 0 (posterior variance) -> p equals q -> KL = 0.
+    exact = vlb(noise, -torch.ones_like(x0), batch, x0)
+    torch.testing.assert_close(exact, torch.zeros(3), atol=1e-4, rtol=0)
+    wrong = vlb(noise + 0.5, torch.ones_like(x0), batch, x0)
+    assert torch.all(wrong > 1e-3)
+    # Gradient reaches the variance values only (mean is detached).
+    eps = (noise + 0.1).requires_grad_()
+    v = torch.zeros_like(x0, requires_grad=True)
+    vlb(eps, v, batch, x0).sum().backward()
+    assert eps.grad is None and v.grad is not None and v.grad.abs().sum() > 0
+    # t = 0 uses the discretised decoder NLL: finite and positive.
+    t0 = torch.zeros(3, dtype=torch.long)
+    noisy0 = objective.scheduler.add_noise(x0, noise, t0)
+    b0 = NoisyBatch(model_input=noisy0, timestep=t0, noisy=noisy0, noise=noise, level=t0)
+    nll = vlb(noise, torch.zeros_like(x0), b0, x0)
+    assert torch.isfinite(nll).all() and torch.all(nll > 0)
+
+
+def test_no_masked_branch_keeps_side_interpolater_in_graph():
+    recipe = MDTv2Recipe()
+    a = args(no_masked_branch=True)
+    model = tiny_model()
+    loss, _ = recipe.compute_loss(model, recipe.build_objective(a), torch.zeros(2, 1, 8, 8),
+                                  {"class_labels": torch.tensor([0, 1])}, 0.0, a, None)
+    loss.backward()
+    assert model.side_interpolater.mask_token.grad is not None
+
+
+def test_edm_objective_rejected():
+    with pytest.raises(ValueError, match="DDPM"):
+        MDTv2Recipe().build_objective(args(objective="edm"))
+
+
+def test_adan_matches_hand_computation():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = Adan([p], lr=0.1, betas=(0.9, 0.8, 0.7), eps=1e-8)
+    b1, b2, b3 = 0.9, 0.8, 0.7
+    ref = p.detach().clone()
+    m = v = n = torch.zeros(5)
+    prev = None
+    for k in range(1, 4):
+        g = torch.randn(5)
+        p.grad = g.clone()
+        opt.step()
+        d = torch.zeros(5) if prev is None else g - prev
+        prev = g
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * d
+        n = b3 * n + (1 - b3) * (g + b2 * d) ** 2
+        upd = (m / (1 - b1**k) + b2 * v / (1 - b2**k)) / ((n / (1 - b3**k)).sqrt() + 1e-8)
+        ref = ref - 0.1 * upd
+        torch.testing.assert_close(p.detach(), ref)
+    assert isinstance(MDTv2Recipe().build_optimizer([p], args(use_adan=True)), Adan)
+    assert MDTv2Recipe().build_optimizer([p], args()) is None
+
+
+@pytest.mark.slow  # a subprocess run of train_mdt.py: ~15-30 s on 2 cores
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
+def test_tiny_train_mdt_run_gives_loadable_pipeline(tmp_path):
+    out = tmp_path / "mdt"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(patch_size=7, hidden_size=32, num_layers=4, num_decoder_layers=2,
+                                      num_attention_heads=2)))
+    cmd = [sys.executable, str(REPO / "train_examples" / "train_mdt.py"), "--output_dir", str(out),
+           "--model_config", str(config), "--max_train_samples", "32", "--train_batch_size", "16",
+           "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
+           "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--report_to", "none",
+           "--use_ema", "--use_adan", "--lr_warmup_steps", "0"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    card = (out / "README.md").read_text()
+    assert "MDTv2" in card and "U[0.3, 0.5)" in card and "Adan" in card
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, MDTv2Pipeline)
+    assert pipe.scheduler.config.variance_type == "learned_range"
+    assert pipe.scheduler.config.timestep_spacing == "linspace"
+    assert pipe.transformer.config.out_channels is None or pipe.transformer.out_channels == 2
+    images = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 28, 28, 1)
