@@ -32,7 +32,7 @@ def tiny_model():
 def args(**overrides):
     base = dict(objective=None, mask_ratio=None, mask_ratio_range=[0.3, 0.5], min_snr_gamma=5.0, max_train_steps=100,
                 unmasked_finetune_steps=0, no_masked_branch=False, use_adan=False, num_decoder_layers=None,
-                learning_rate=1e-3, adam_weight_decay=0.0, adam_epsilon=1e-8)
+                learning_rate=1e-3, adam_weight_decay=0.0, adam_epsilon=1e-8, mask_ratio_levels=4)
     base.update(overrides)
     return SimpleNamespace(**base)
 
@@ -85,9 +85,11 @@ def test_loss_has_both_branches_with_shared_t_and_independent_noise():
 def test_mask_ratio_drawn_per_batch_in_range():
     recipe = MDTv2Recipe()
     gen = torch.Generator().manual_seed(0)
-    ratios = [recipe.mask_ratio(args(), 0, gen) for _ in range(200)]
+    ratios = [recipe.mask_ratio(args(mask_ratio_levels=0), 0, gen) for _ in range(200)]
     assert all(0.3 <= r < 0.5 for r in ratios)
     assert min(ratios) < 0.32 and max(ratios) > 0.48
+    levels = {round(recipe.mask_ratio(args(mask_ratio_levels=4), 0, gen), 6) for _ in range(200)}
+    assert levels == {0.325, 0.375, 0.425, 0.475}  # bin centres: few compiled shapes, same mean
     assert recipe.mask_ratio(args(mask_ratio=0.3), 0, gen) == 0.3  # v1: fixed
     assert recipe.mask_ratio(args(no_masked_branch=True), 0, gen) == 0.0
     assert recipe.mask_ratio(args(unmasked_finetune_steps=10), 95, gen) == 0.0

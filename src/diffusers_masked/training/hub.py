@@ -25,6 +25,12 @@ def card_template_path(name: str) -> Path:
     return path
 
 
+def _pipeline_tag(args: argparse.Namespace, model: Any) -> str:
+    if getattr(args, "conditioning", "class") == "text":
+        return "text-to-image"
+    return "unconditional-image-generation" if model.config.get("num_classes") is None else "image-generation"
+
+
 def write_model_card(trainer: Any, metrics: Dict[str, Any]) -> Path:
     """Fill the recipe's card template with the run's settings and results and write OUTPUT_DIR/README.md."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -35,7 +41,7 @@ def write_model_card(trainer: Any, metrics: Dict[str, Any]) -> Path:
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation" if model.config.num_classes is None else "image-generation",
+        pipeline_tag=_pipeline_tag(args, model),
         tags=["diffusers", "diffusers-masked", trainer.recipe.name, "masked-diffusion-transformer"],
         datasets=[args.dataset_name] if args.dataset_name else None,
         base_model=args.pretrained_model_name_or_path,

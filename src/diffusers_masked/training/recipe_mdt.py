@@ -126,6 +126,9 @@ class MDTv2Recipe(TrainingRecipe):
         parser.add_argument("--num_decoder_layers", type=int, default=None, help="Override the decoder depth.")
         parser.add_argument("--no_masked_branch", action="store_true",
                             help="Train only the full (unmasked) branch: a plain DiT-style baseline.")
+        parser.add_argument("--mask_ratio_levels", type=int, default=4,
+                            help="Quantise the per-batch ratio to this many bin centres of the range (0 = continuous "
+                            "as the official code; quantised ratios avoid torch.compile recompiles).")
         parser.add_argument("--use_adan", action="store_true",
                             help="Adan optimizer (betas 0.98/0.92/0.99) as the official MDTv2 training; lr, weight "
                             "decay and epsilon come from --learning_rate / --adam_weight_decay / --adam_epsilon.")
@@ -172,6 +175,11 @@ class MDTv2Recipe(TrainingRecipe):
             raise ValueError(f"--mask_ratio_range must satisfy 0 <= LOW <= HIGH < 1, got {low} {high}.")
         device = generator.device if generator is not None else "cpu"
         u = torch.rand((), generator=generator, device=device).item()
+        levels = args.mask_ratio_levels
+        if levels:
+            # A few fixed ratios (bin centres, same mean as the uniform draw) keep the number of kept-token shapes
+            # small, so torch.compile builds a handful of graphs instead of one per ratio.
+            u = (math.floor(u * levels) + 0.5) / levels
         return low + (high - low) * u
 
     def branch_loss(
