@@ -7,7 +7,7 @@ transformer(x, t, ...)``, ``latents = scheduler.step(out, t, latents)``. For EDM
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
@@ -64,6 +64,18 @@ class MaskedTransformerPipelineBase(DiffusionPipeline):
             raise ValueError(f"class id(s) {bad} out of range: this model has classes 0..{num_classes - 1}.")
         ids_t = torch.tensor(ids, device=device, dtype=torch.long)
         return ids_t.repeat_interleave(num_images_per_prompt)
+
+    def _class_conditioning(
+        self, class_labels: Any, num_images_per_prompt: int, guidance_scale: float, batch_size: int
+    ) -> tuple:
+        """(number of images, conditional kwargs, unconditional kwargs or None) for class-conditional or
+        unconditional transformers; the unconditional branch uses the null class id ``num_classes``."""
+        null_id = self.transformer.config.num_classes
+        if null_id is None:
+            return batch_size * num_images_per_prompt, {}, None
+        ids = self._class_ids(class_labels, num_images_per_prompt, self._execution_device)
+        uncond = {"class_labels": torch.full_like(ids, null_id)} if guidance_scale > 1 else None
+        return ids.shape[0], {"class_labels": ids}, uncond
 
     @property
     def _sample_shape(self) -> tuple:

@@ -70,15 +70,6 @@ class MaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoader
         Returns:
             [`~pipelines.ImagePipelineOutput`] with ``images``.
         """
-        device = self._execution_device
-        null_id = self.transformer.config.num_classes
-        if null_id is None:
-            n = batch_size * num_images_per_prompt
-            cond, uncond = {}, None
-        else:
-            ids = self._class_ids(class_labels, num_images_per_prompt, device)
-            n = ids.shape[0]
-            cond = {"class_labels": ids}
-            uncond = {"class_labels": torch.full_like(ids, null_id)} if guidance_scale > 1 else None
+        n, cond, uncond = self._class_conditioning(class_labels, num_images_per_prompt, guidance_scale, batch_size)
         latents = self._denoise(n, cond, uncond, guidance_scale, num_inference_steps, generator, latents)
         return self._decode(latents, output_type, return_dict)

@@ -120,7 +120,6 @@ class TrainingRecipe:
     # ---- validation ----------------------------------------------------------------------------------------------
     def validation_images(self, pipeline, trainer: Any, generator: torch.Generator) -> Tuple[List[Any], int]:
         """Images for the validation grid and the number of columns: ``--validation_images_per_class`` per class."""
-        names = trainer.class_names
         per_class = trainer.args.validation_images_per_class
         if pipeline.transformer.config.num_classes is None:
             out = pipeline(batch_size=8 * per_class, num_inference_steps=trainer.args.validation_inference_steps, generator=generator)
