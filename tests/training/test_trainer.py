@@ -86,6 +86,11 @@ def test_checkpoints_total_limit_and_corrupt_checkpoint(tmp_path):
         main(MaskDiTRecipe(), tiny_args(tmp_path, resume_from_checkpoint=str(bad), max_train_steps=6))
 
 
+def test_unmasked_finetune_default_is_a_share_of_the_steps():
+    assert parse_args(MaskDiTRecipe(), ["--max_train_steps", "200"]).unmasked_finetune_steps == 20
+    assert parse_args(MaskDiTRecipe(), ["--max_train_steps", "200", "--unmasked_finetune_steps", "0"]).unmasked_finetune_steps == 0
+
+
 def test_bad_flags_fail_early(tmp_path):
     with pytest.raises(ValueError, match="mask_ratio"):
         parse_args(MaskDiTRecipe(), ["--mask_ratio", "1.0"])

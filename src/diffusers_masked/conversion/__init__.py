@@ -1,4 +1,4 @@
-"""Converters from the official MaskDiT and MDT / MDTv2 checkpoints to this package's models (MicroDiT: not yet)."""
+"""Converters from the official MaskDiT, MDT / MDTv2 and MicroDiT checkpoints to this package's models."""
 
 from .common import ConversionError, extract_state_dict, load_checkpoint_file, load_official_state_dict
 from .maskdit import (
@@ -15,6 +15,14 @@ from .mdt import (
     detect_mdt_version,
     load_mdt_transformer,
     mdt_scheduler,
+)
+from .microdit import (
+    config_from_official_state_dict as microdit_config_from_official_state_dict,
+    convert_microdit_checkpoint,
+    convert_microdit_state_dict,
+    load_microdit_state_dict,
+    load_microdit_transformer,
+    microdit_scheduler,
 )
 
 __all__ = [
@@ -33,4 +41,10 @@ __all__ = [
     "load_mdt_transformer",
     "mdt_config_from_official_state_dict",
     "mdt_scheduler",
+    "convert_microdit_checkpoint",
+    "convert_microdit_state_dict",
+    "load_microdit_state_dict",
+    "load_microdit_transformer",
+    "microdit_config_from_official_state_dict",
+    "microdit_scheduler",
 ]

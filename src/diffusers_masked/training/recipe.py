@@ -26,6 +26,7 @@ class TrainingRecipe:
         model_card: File name of the card template in ``model_cards/``.
         default_objective: ``"edm"``, ``"epsilon"`` or ``"v_prediction"``.
         default_mask_ratio: Mask ratio used when ``--mask_ratio`` is not given.
+        default_unmasked_finetune_fraction: Share of the steps trained without masking at the end by default.
         demo_model_config: Config of the small model trained by the no-argument CPU run on Fashion-MNIST.
         demo_defaults: Flag defaults of that run (steps, batch size, learning rate, ...).
     """
@@ -36,6 +37,8 @@ class TrainingRecipe:
     model_card = "maskdit.md"
     default_objective = "edm"
     default_mask_ratio = 0.5
+    #: Share of --max_train_steps trained unmasked at the end when --unmasked_finetune_steps is not given.
+    default_unmasked_finetune_fraction = 0.0
     demo_model_config: Dict[str, Any] = {}
     demo_defaults: Dict[str, Any] = {}
     conditioning = "class"
@@ -134,6 +137,10 @@ class TrainingRecipe:
             generator=generator,
         )
         return out.images, per_class
+
+    def eval_kwargs(self, trainer: Any) -> Dict[str, Any]:
+        """Extra arguments of `evaluate_pipeline` (e.g. prompts for a text-to-image model)."""
+        return {}
 
     def card_fields(self, trainer: Any) -> Dict[str, Any]:
         """Extra fields for the model card template."""

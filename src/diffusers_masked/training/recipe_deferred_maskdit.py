@@ -208,6 +208,13 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
         )
         return out.images, per_class
 
+    def eval_kwargs(self, trainer: Any) -> Dict[str, Any]:
+        """Text models are scored on one caption per class, so conditional accuracy still applies."""
+        if not self._use_text(trainer.args) or not self.captions:
+            return {}
+        return {"prompts": list(self.captions), "prompt_labels": list(range(len(self.captions))),
+                "max_sequence_length": trainer.args.max_sequence_length}
+
     def card_fields(self, trainer: Any) -> Dict[str, Any]:
         args = trainer.args
         text = self._use_text(args)

@@ -67,6 +67,8 @@ class MaskDiTRecipe(TrainingRecipe):
     model_card = "maskdit.md"
     default_objective = "edm"
     default_mask_ratio = 0.5
+    # The paper closes with a short unmasked stage: it removes the train (masked) / sample (unmasked) gap.
+    default_unmasked_finetune_fraction = 0.1
     # Small enough to train on 2 CPU cores in ~15 minutes on 28x28 Fashion-MNIST (7x7 = 49 tokens of 4x4 patches).
     demo_model_config = dict(
         patch_size=4,

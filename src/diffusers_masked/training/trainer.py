@@ -10,6 +10,7 @@ Works with plain ``python train_examples/train_maskdit.py`` and with ``accelerat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -77,8 +78,9 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
                    help=f"Diffusion objective (default: {recipe.default_objective}).")
     g.add_argument("--mask_ratio", type=float, default=None, help=f"Share of tokens masked in training "
                    f"(default {recipe.default_mask_ratio}).")
-    g.add_argument("--unmasked_finetune_steps", type=int, default=0,
-                   help="The last N steps train without masking (and without the MAE term).")
+    g.add_argument("--unmasked_finetune_steps", type=int, default=None,
+                   help="The last N steps train without masking (and without the MAE term); default: "
+                   f"{recipe.default_unmasked_finetune_fraction:.0%} of --max_train_steps.")
     g.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Label dropout for classifier-free guidance (default: the model config's).")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -98,6 +100,9 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--stop_after_steps", type=int, default=None,
                    help="Checkpoint and exit after this many steps in this run (for time-sliced jobs); "
                    "resume later with --resume_from_checkpoint latest.")
+    g.add_argument("--max_train_time_minutes", type=float, default=None,
+                   help="Wall-clock budget: stop after this many minutes of training and write the pipeline as if "
+                   "--max_train_steps had been reached (for equal-time comparisons).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers get_scheduler name.")
@@ -125,6 +130,15 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--validation_images_per_class", type=int, default=4)
     g.add_argument("--validation_inference_steps", type=int, default=40)
     g.add_argument("--validation_guidance_scale", type=float, default=1.5)
+    g.add_argument("--eval_every_steps", type=int, default=0, help="Score samples every N steps (and at the end): "
+                   "Fréchet distance and conditional accuracy (diffusers_masked.evaluation); 0 = off.")
+    g.add_argument("--eval_num_samples", type=int, default=1000)
+    g.add_argument("--eval_reference", type=str, default="fashion-mnist",
+                   help="'fashion-mnist', an image folder or a reference .npz (mu/sigma).")
+    g.add_argument("--eval_feature", type=str, default="fashion-mnist",
+                   help="'fashion-mnist' (FD-FMNIST, embedded classifier) or 'inception' (needs --eval_inception_weights).")
+    g.add_argument("--eval_inception_weights", type=str, default=None, help="Local FID Inception weights file.")
+    g.add_argument("--eval_batch_size", type=int, default=250)
 
     g = p.add_argument_group("hub")
     g.add_argument("--push_to_hub", action="store_true")
@@ -140,6 +154,8 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
 
 def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser(recipe).parse_args(argv)
+    if args.unmasked_finetune_steps is None:
+        args.unmasked_finetune_steps = int(recipe.default_unmasked_finetune_fraction * args.max_train_steps)
     checks = [
         (args.train_batch_size >= 1, "--train_batch_size must be >= 1"),
         (args.max_train_steps >= 1, "--max_train_steps must be >= 1"),
@@ -238,6 +254,9 @@ class Trainer:
         # process and saved in checkpoints: resuming continues the same random stream.
         gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + self.accelerator.process_index)
         self.state = _TrainState(gen)
+        self.time_budget_reached = False
+        self.last_eval: Optional[Dict[str, Any]] = None
+        self.excluded_time = 0.0  # seconds spent sampling / evaluating, left out of the wall-clock budget
         self.vae = None
         self._prepare_data()
         recipe.setup(self)
@@ -478,25 +497,54 @@ class Trainer:
         return self.recipe.build_pipeline(self.unwrapped_model, self.objective.inference_scheduler(), self.vae,
                                           self.id2label, self)
 
-    @torch.no_grad()
-    def sample_grid(self, path: Path):
-        """Validation grid (rows = classes) with EMA weights when used; saved as PNG and returned as a PIL image."""
-        from diffusers.utils import make_image_grid
-
+    @contextlib.contextmanager
+    def sampling_weights(self):
+        """Eval mode and, with --use_ema, the EMA weights for the duration of the block."""
         model = self.unwrapped_model
         if self.ema is not None:
             self.ema.store(model.parameters())
             self.ema.copy_to(model.parameters())
         model.eval()
         try:
-            pipe = self.make_pipeline()
-            pipe.set_progress_bar_config(disable=True)
-            gen = torch.Generator(device="cpu").manual_seed(self.args.seed)
-            images, cols = self.recipe.validation_images(pipe, self, gen)
+            yield model
         finally:
             model.train()
             if self.ema is not None:
                 self.ema.restore(model.parameters())
+
+    @torch.no_grad()
+    def evaluate(self, step: int, train_seconds: float) -> Dict[str, Any]:
+        """Fréchet distance (+ conditional accuracy) of --eval_num_samples samples; appended to eval_log.jsonl."""
+        from ..evaluation import evaluate_pipeline
+
+        args = self.args
+        with self.sampling_weights():
+            pipe = self.make_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            report = evaluate_pipeline(
+                pipe, reference=args.eval_reference, num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
+                seed=args.seed, num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale, feature=args.eval_feature,
+                inception_weights=args.eval_inception_weights, progress=False, **self.recipe.eval_kwargs(self),
+            )
+        images_per_step = args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+        record = {"step": step, "images_seen": step * images_per_step, "wall_clock_s": train_seconds,
+                  **{f"eval/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}}
+        with open(self.output_dir / "eval_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log(record, step=step)
+        return record
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path):
+        """Validation grid (rows = classes) with EMA weights when used; saved as PNG and returned as a PIL image."""
+        from diffusers.utils import make_image_grid
+
+        with self.sampling_weights():
+            pipe = self.make_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            gen = torch.Generator(device="cpu").manual_seed(self.args.seed)
+            images, cols = self.recipe.validation_images(pipe, self, gen)
         rows = math.ceil(len(images) / cols)
         images = images + [images[0].copy() for _ in range(rows * cols - len(images))]
         grid = make_image_grid(images, rows=rows, cols=cols)
@@ -609,21 +657,35 @@ class Trainer:
                     window_t, window_steps = now, 0
                     record = {"loss": last_loss, "lr": self.lr_scheduler.get_last_lr()[0], "img_per_s": ips,
                               "mask_ratio": ratio, "images_seen": step * images_per_step,
-                              "wall_clock_s": now - t0, **{k: float(v) for k, v in logs.items()}}
+                              "wall_clock_s": now - t0 - self.excluded_time, **{k: float(v) for k, v in logs.items()}}
                     progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}")
                     acc.log(record, step=step)
                 if step % args.checkpointing_steps == 0 or step == stop_at:
                     self.save_checkpoint()
                 if args.validation_steps and step % args.validation_steps == 0 and acc.is_main_process:
+                    t_val = time.time()
                     grid = self.sample_grid(self.output_dir / "samples" / f"step_{step:07d}.png")
                     self.log_grid(grid, step)
+                    self.excluded_time += time.time() - t_val
+                if args.eval_every_steps and step % args.eval_every_steps == 0 and acc.is_main_process:
+                    t_eval = time.time()
+                    self.last_eval = self.evaluate(step, t_eval - t0 - self.excluded_time)
+                    self.excluded_time += time.time() - t_eval
+                if args.max_train_time_minutes is not None and step < stop_at:
+                    # Every process must stop on the same step: stop as soon as any of them is over budget.
+                    train_s = time.time() - t0 - self.excluded_time
+                    over = torch.tensor(float(train_s > 60 * args.max_train_time_minutes), device=acc.device)
+                    if acc.reduce(over, reduction="sum").item() > 0:
+                        stop_at, self.time_budget_reached = step, True
+                        self.save_checkpoint()
                 if step >= stop_at:
                     break
         progress.close()
-        elapsed = time.time() - t0
+        elapsed = time.time() - t0 - self.excluded_time
         result = {"global_step": self.state.global_step, "final_loss": last_loss, "train_time_s": elapsed,
                   "images_per_s": (self.state.global_step - start_step) * images_per_step / max(elapsed, 1e-9),
-                  "finished": self.state.global_step >= args.max_train_steps}
+                  "finished": self.state.global_step >= args.max_train_steps or self.time_budget_reached,
+                  "images_seen": self.state.global_step * images_per_step}
         if result["finished"] and acc.is_main_process:
             self.finish(result)
         acc.wait_for_everyone()
@@ -633,6 +695,11 @@ class Trainer:
     def finish(self, result: Dict[str, Any]) -> None:
         """Write the pipeline, the final sample grid, the model card and (optionally) push to the Hub."""
         out = self.output_dir
+        if self.args.eval_every_steps:
+            step = self.state.global_step
+            if self.last_eval is None or self.last_eval["step"] != step:
+                self.last_eval = self.evaluate(step, result["train_time_s"])
+            result.update({k: v for k, v in self.last_eval.items() if k.startswith("eval/")})
         grid_path = out / "sample_grid.png"
         self.sample_grid(grid_path)
         if self.args.lora_rank:
