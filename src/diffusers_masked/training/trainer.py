@@ -132,6 +132,8 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--validation_guidance_scale", type=float, default=1.5)
     g.add_argument("--eval_every_steps", type=int, default=0, help="Score samples every N steps (and at the end): "
                    "Fréchet distance and conditional accuracy (diffusers_masked.evaluation); 0 = off.")
+    g.add_argument("--eval_every_minutes", type=float, default=0.0,
+                   help="Also score samples every N minutes of training time (for equal-wall-clock studies).")
     g.add_argument("--eval_num_samples", type=int, default=1000)
     g.add_argument("--eval_reference", type=str, default="fashion-mnist",
                    help="'fashion-mnist', an image folder or a reference .npz (mu/sigma).")
@@ -256,6 +258,7 @@ class Trainer:
         self.state = _TrainState(gen)
         self.time_budget_reached = False
         self.last_eval: Optional[Dict[str, Any]] = None
+        self.num_evals = 0  # time-triggered evaluations so far
         self.excluded_time = 0.0  # seconds spent sampling / evaluating, left out of the wall-clock budget
         self.vae = None
         self._prepare_data()
@@ -667,7 +670,11 @@ class Trainer:
                     grid = self.sample_grid(self.output_dir / "samples" / f"step_{step:07d}.png")
                     self.log_grid(grid, step)
                     self.excluded_time += time.time() - t_val
-                if args.eval_every_steps and step % args.eval_every_steps == 0 and acc.is_main_process:
+                train_s = time.time() - t0 - self.excluded_time
+                due_minutes = bool(args.eval_every_minutes) and train_s >= 60 * args.eval_every_minutes * (self.num_evals + 1)
+                self.num_evals += int(due_minutes)
+                due = due_minutes or (args.eval_every_steps and step % args.eval_every_steps == 0)
+                if due and acc.is_main_process:
                     t_eval = time.time()
                     self.last_eval = self.evaluate(step, t_eval - t0 - self.excluded_time)
                     self.excluded_time += time.time() - t_eval
@@ -685,7 +692,7 @@ class Trainer:
         result = {"global_step": self.state.global_step, "final_loss": last_loss, "train_time_s": elapsed,
                   "images_per_s": (self.state.global_step - start_step) * images_per_step / max(elapsed, 1e-9),
                   "finished": self.state.global_step >= args.max_train_steps or self.time_budget_reached,
-                  "images_seen": self.state.global_step * images_per_step}
+                  "images_seen": self.state.global_step * images_per_step, "num_parameters": n_params}
         if result["finished"] and acc.is_main_process:
             self.finish(result)
         acc.wait_for_everyone()
@@ -695,7 +702,7 @@ class Trainer:
     def finish(self, result: Dict[str, Any]) -> None:
         """Write the pipeline, the final sample grid, the model card and (optionally) push to the Hub."""
         out = self.output_dir
-        if self.args.eval_every_steps:
+        if self.args.eval_every_steps or self.args.eval_every_minutes:
             step = self.state.global_step
             if self.last_eval is None or self.last_eval["step"] != step:
                 self.last_eval = self.evaluate(step, result["train_time_s"])
