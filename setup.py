@@ -11,6 +11,7 @@ RUNTIME = [
     "huggingface_hub>=0.23",
     "peft>=0.12",
     "safetensors>=0.4",
+    "torchmetrics>=1.0",
     "numpy",
     "pillow",
     "tqdm",

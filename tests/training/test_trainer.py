@@ -185,3 +185,26 @@ def test_two_process_cpu_run(tmp_path):
     assert (tmp_path / "run" / "model_index.json").exists()
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
     assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 28, 28, 1)
+
+
+@needs_fmnist
+def test_eval_hook_and_wall_clock_budget(tmp_path, monkeypatch):
+    import diffusers_masked.evaluation as evaluation
+
+    calls = []
+
+    def fake_evaluate(pipe, **kwargs):
+        calls.append(kwargs)
+        assert not pipe.transformer.training  # scored in eval mode (EMA weights)
+        return {"metrics": {"fd": 10.0 / len(calls), "conditional_accuracy": 0.5}}
+
+    monkeypatch.setattr(evaluation, "evaluate_pipeline", fake_evaluate)
+    args = tiny_args(tmp_path, eval_every_steps=2, eval_num_samples=8, max_train_time_minutes=0.0)
+    args[args.index("--max_train_steps") + 1] = "100"
+    result = main(MaskDiTRecipe(), args)
+    # the zero budget stops after the first step; the run still finishes with a pipeline and a final evaluation
+    assert result["finished"] and result["global_step"] == 1
+    assert (tmp_path / "run" / "model_index.json").exists()
+    log = [json.loads(x) for x in (tmp_path / "run" / "eval_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 1 and log[-1]["eval/fd"] == 10.0 and "wall_clock_s" in log[-1]
+    assert calls[0]["num_samples"] == 8 and result["eval/conditional_accuracy"] == 0.5

@@ -154,7 +154,7 @@ def image_to_array(image: Any) -> np.ndarray:
     return array
 
 
-def _resize_center_crop(array: np.ndarray, resolution: int) -> np.ndarray:
+def resize_center_crop(array: np.ndarray, resolution: int) -> np.ndarray:
     h, w = array.shape[:2]
     if (h, w) == (resolution, resolution):
         return array
@@ -185,7 +185,7 @@ class ImageClassDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         row = self.ds[int(index)]
-        array = _resize_center_crop(image_to_array(row[self.image_column]), self.resolution)
+        array = resize_center_crop(image_to_array(row[self.image_column]), self.resolution)
         if array.shape[2] != self.channels:
             raise ValueError(
                 f"Image {index} has {array.shape[2]} channels but the model expects {self.channels}; "
