@@ -214,7 +214,9 @@ class Attention(nn.Module):
         if self.qk_norm == "layer_norm":
             q, k = self.norm_q(q), self.norm_k(k)
         if attention_mask is not None and attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask.to(q.dtype)
+            # Contiguous in the key dimension: a permuted bias (e.g. MDTv2's relative position bias) otherwise
+            # rules out the memory-efficient SDPA kernel and falls back to the math path (full fp32 scores).
+            attention_mask = attention_mask.to(q.dtype).contiguous()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
         return self.to_out[0](out)

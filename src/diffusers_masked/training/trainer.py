@@ -116,7 +116,8 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config.")
     g.add_argument("--allow_tf32", action="store_true")
-    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep an EMA of the weights (used for sampling and the saved pipeline); --no-use_ema turns off a default.")
     g.add_argument("--ema_decay", type=float, default=0.9999)
 
     g = p.add_argument_group("checkpoints, logging, validation")
@@ -493,6 +494,8 @@ class Trainer:
                 f"Could not resume from {path}: {err}. The checkpoint is corrupt or was written by a different model "
                 "configuration / number of processes; pick another checkpoint or start without --resume_from_checkpoint."
             ) from err
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)  # load_state restores the EMA shadow weights on the CPU
         logger.info("Resumed from %s at step %d.", path, self.state.global_step)
 
     # ---- validation, saving -------------------------------------------------------------------------------------
