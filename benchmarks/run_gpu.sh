@@ -114,11 +114,180 @@ print("scaling efficiency", out["scaling_efficiency"])
 PY
   cp /tmp/d2/sample_grid.png "$OUT/ddp_sample_grid.png" 2>/dev/null
   ;;
+call4)
+  # Issue 6 follow-up: MDTv2 after the one-lookup relative position bias (eager before/after rows, profile), then
+  # compiled MDTv2-XL/2 with the branches back-propagated one after the other (the recipe's --split_branch_backward).
+  B="python3 benchmarks/train_throughput.py --no-explain"
+  F="should be kept in float32"
+  echo "== MDTv2 XL eager: joint b32 (+ profile), split b32/b128 ==" | tee -a "$LOG"
+  $B --out "$OUT/r/mdt_eager_joint" --modes eager --sizes XL --models mdt --batch_sizes 32 \
+      --profile mdt:XL:32:eager 2>&1 | grep -v "$F" | tee -a "$LOG"
+  $B --out "$OUT/r/mdt_eager_split" --modes eager --sizes XL --models mdt --batch_sizes 32 128 \
+      --mdt_split_backward 2>&1 | grep -v "$F" | tee -a "$LOG"
+  echo "== MDTv2 XL compiled, split backward, b128 then b32 ==" | tee -a "$LOG"
+  timeout 430 $B --out "$OUT/r/mdt_compiled_split" --modes compile --sizes XL --models mdt \
+      --compile_batch_sizes 128 32 --mdt_split_backward --time_budget_s 300 2>&1 | grep -v "$F" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
+call5)
+  # Issue 12: the DeferredMaskDiT row of the equal wall-clock study (same settings as stage conv); issue 6: compiled
+  # DeferredMaskDiT XL b256 (dense and MoE).
+  export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
+  timeout 260 python3 benchmarks/convergence.py --models deferred_maskdit --minutes 1.0 --eval_every_minutes 0.33 \
+      --eval_num_samples 1000 --train_batch_size 128 --out "$OUT/conv" --work_dir /tmp/convruns 2>&1 \
+      | tr '\r' '\n' | grep -v "it/s\|s/it\|^$" | grep -v "accelerate.checkpointing\|Saving current state" \
+      | tail -n 30 | tee -a "$LOG"
+  B="python3 benchmarks/train_throughput.py --no-explain"
+  echo "== compiled XL DeferredMaskDiT dense / MoE at b256 ==" | tee -a "$LOG"
+  timeout 300 $B --out "$OUT/r/c_deferred256" --modes compile --sizes XL --models deferred deferred_moe \
+      --compile_batch_sizes 256 --time_budget_s 200 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
 mdtfix)
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 --mdt_split_backward --profile mdt:XL:32:eager 2>&1 | grep -v "float32" | tee -a "$LOG"
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix2" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 2>&1 | grep -v "float32" | tee -a "$LOG"
+  ;;
+ddp_xl)
+  # Issue 7 at XL/2 scale on cached latents of a RANDOM VAE (no pretrained VAE offline; benchmarks/make_random_vae.py):
+  # Fashion-MNIST resized to 256 px -> 32x32x4 latents = 256 tokens at patch 2. Global batch 256 everywhere:
+  # MaskDiT-XL/2 1 GPU x 128 x 2 accumulation vs 2 GPUs x 128, then 2 GPUs stopped at STOP and resumed; short 2-GPU
+  # runs of MDTv2-XL/2 and DeferredMaskDiT-XL/2 (class-conditional: no MiniLM on the host); FSDP2 (then FSDP1) attempt
+  # with DeferredMaskDiT-XL/2 (1.17B, the largest preset). CPU=1 runs the same commands scaled down on CPU processes
+  # (benchmarks/rehearse_ddp_cpu.sh). DDP_XL_PARTS picks parts; STAGE_BUDGET_S caps the stage (timeouts shrink).
+  W=${DDP_XL_WORK:-/tmp/ddp_xl}; PARTS=${DDP_XL_PARTS:-"cache ddp short fsdp"}; BUDGET=${STAGE_BUDGET_S:-560}
+  if [ "${CPU:-0}" = 1 ]; then
+    DATA_DIR=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}; RES=64; NS=128; MP=bf16; NW=1; LOGS=5; EVERY=5
+    CFG_M=S/2; CFG_MDT=S/2; CFG_DEF=Debug/2; B=8; B_MDT=4; B_DEF=8; STEPS=20; STOP=10; SHORT=6; FSTEPS=4
+    # `accelerate launch --cpu --num_processes 2` starts ONE non-distributed process; real 2-process gloo DDP needs
+    # the multi-GPU launcher plus ACCELERATE_USE_CPU (Accelerator(cpu=True) -> MULTI_CPU).
+    export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1
+    L1="accelerate launch --num_processes 1"; L2="accelerate launch --multi_gpu --num_processes 2"
+    T_CACHE=300; T_RUN=300; T_SHORT=300; T_FSDP=300
+  else
+    DATA_DIR=$FM; RES=256; NS=8192; MP=bf16; NW=4; LOGS=5; EVERY=25
+    CFG_M=XL/2; CFG_MDT=XL/2; CFG_DEF=XL/2; B=128; B_MDT=32; B_DEF=128; STEPS=100; STOP=50; SHORT=40; FSTEPS=20
+    L1="accelerate launch --num_processes 1"; L2="accelerate launch --multi_gpu --num_processes 2"
+    T_CACHE=100; T_RUN=150; T_SHORT=100; T_FSDP=110
+  fi
+  rm -rf "$W"; mkdir -p "$W" "$OUT/ddp_xl_logs"; T0=$SECONDS
+  # Same --vae_path / --resolution / --max_train_samples / --latent_cache_dir everywhere: the cache fingerprint
+  # matches, so only the first run encodes ("Encoding latents" must appear in one log only).
+  DATA="--fashion_mnist_dir $DATA_DIR --vae_path $W/vae --cache_latents --latent_cache_dir $W/latents --resolution $RES \
+      --max_train_samples $NS --dataloader_num_workers $NW"
+  QUIET="--mixed_precision $MP --validation_steps 0 --validation_inference_steps 10 --validation_images_per_class 2 \
+      --report_to tensorboard --logging_steps $LOGS"
+  # Shrink a timeout to what is left of the stage budget (25 s kept for the summary); 0 = skip.
+  tmo() { local left=$((BUDGET - (SECONDS - T0) - 25)); [ "$left" -lt 30 ] && echo 0 || echo $(( $1 < left ? $1 : left )); }
+  xrun() { local tag=$1 t; t=$(tmo "$2"); shift 2; echo "== $tag (timeout ${t}s) ==" | tee -a "$LOG"
+    [ "$t" = 0 ] && { echo "skipped: stage budget spent" | tee -a "$LOG"; echo "$tag -1 0" >> "$W/times.txt"; return; }
+    local s=$SECONDS; timeout "$t" "$@" > "$W/$tag.raw" 2>&1; local rc=$?
+    tr '\r' '\n' < "$W/$tag.raw" | grep -v "^\s*$\|should be kept in float32" | grep -v "^train: .*[0-9]/s" \
+      | grep -v "^Encoding latents: *[0-9]\?[0-9]%" > "$OUT/ddp_xl_logs/$tag.txt"
+    echo "$tag $rc $((SECONDS - s))" >> "$W/times.txt"
+    grep -E "Resumed|parameters|Encoding latents: 100|Error|error:|Traceback|train: 100%|Distributed" "$OUT/ddp_xl_logs/$tag.txt" \
+      | grep -v "^\s*warnings.warn" | tail -n 6 | tee -a "$LOG"
+    [ "$rc" != 0 ] && tail -n 25 "$OUT/ddp_xl_logs/$tag.txt" | tee -a "$LOG"
+    echo "-- $tag rc=$rc wall=$((SECONDS - s))s" | tee -a "$LOG"; }
+  if [[ " $PARTS " == *" cache "* ]]; then
+    python3 benchmarks/make_random_vae.py --out "$W/vae" --calibrate_dir "$DATA_DIR" 2>&1 | tail -n 1 | tee -a "$LOG"
+    # One cheap 1-process, 1-step S/2 run only to build the shared latent cache.
+    xrun cache "$T_CACHE" $L1 train_examples/train_maskdit.py $DATA $QUIET --model_config S/2 --train_batch_size $B \
+        --max_train_steps 1 --output_dir "$W/cache_run"
+    rm -rf "$W"/cache_run/checkpoint-* "$W/cache_run/transformer"
+  fi
+  M="train_examples/train_maskdit.py $DATA $QUIET --model_config $CFG_M --use_ema --train_batch_size $B \
+      --max_train_steps $STEPS --unmasked_finetune_steps 0"
+  if [[ " $PARTS " == *" ddp "* ]]; then
+    # Checkpoints only at the end of m1 / m2 (a mid-run save would land in a throughput window); m3 saves at STOP.
+    xrun m1 "$T_RUN" $L1 $M --gradient_accumulation_steps 2 --checkpointing_steps 100000 --output_dir "$W/m1"
+    rm -rf "$W"/m1/checkpoint-* "$W/m1/transformer"
+    xrun m2 "$T_RUN" $L2 $M --checkpointing_steps 100000 --output_dir "$W/m2"
+    rm -rf "$W"/m2/checkpoint-* "$W/m2/transformer"
+    xrun m3_stop "$T_RUN" $L2 $M --checkpointing_steps $STOP --stop_after_steps $STOP --output_dir "$W/m3"
+    xrun m3_resume "$T_RUN" $L2 $M --checkpointing_steps $STOP --resume_from_checkpoint latest --output_dir "$W/m3"
+    ls "$W/m3" | tr '\n' ' ' | tee -a "$LOG"; echo | tee -a "$LOG"
+    rm -rf "$W"/m3/checkpoint-* "$W/m3/transformer"
+  fi
+  if [[ " $PARTS " == *" short "* ]]; then
+    # MDTv2 runs two branches per step (memory-hungry): micro-batch 32. No EMA (smaller final checkpoints).
+    xrun mdt "$T_SHORT" $L2 train_examples/train_mdt.py $DATA $QUIET --model_config $CFG_MDT --no-use_ema \
+        --train_batch_size $B_MDT --max_train_steps $SHORT --lr_warmup_steps 10 --checkpointing_steps 100000 \
+        --output_dir "$W/mdt"
+    rm -rf "$W"/mdt/checkpoint-* "$W/mdt/transformer"
+    xrun deferred "$T_SHORT" $L2 train_examples/train_deferred_maskdit.py $DATA $QUIET --model_config $CFG_DEF \
+        --conditioning class --no-use_ema --train_batch_size $B_DEF --max_train_steps $SHORT --lr_warmup_steps 10 \
+        --checkpointing_steps 100000 --output_dir "$W/deferred"
+    rm -rf "$W"/deferred/checkpoint-* "$W/deferred/transformer"
+  fi
+  if [[ " $PARTS " == *" fsdp "* ]]; then
+    # --stop_after_steps keeps the run "unfinished": finish() samples on the main process only, which would hang
+    # under FSDP (every rank must join the all-gathers); the sharded checkpoint at the stop is still written.
+    FD="train_examples/train_deferred_maskdit.py $DATA $QUIET --model_config $CFG_DEF --conditioning class \
+        --no-use_ema --train_batch_size $B_DEF --max_train_steps 100000 --stop_after_steps $FSTEPS --lr_warmup_steps 10"
+    xrun fsdp2 "$T_FSDP" accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap DiTBlock \
+        --fsdp_reshard_after_forward true --fsdp_state_dict_type SHARDED_STATE_DICT $FD --output_dir "$W/fsdp2"
+    if ! grep -q "^fsdp2 0 " "$W/times.txt"; then
+      xrun fsdp1 "$T_FSDP" accelerate launch --num_processes 2 --use_fsdp --fsdp_version 1 \
+          --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
+          --fsdp_transformer_layer_cls_to_wrap DiTBlock --fsdp_use_orig_params true \
+          --fsdp_state_dict_type SHARDED_STATE_DICT $FD --output_dir "$W/fsdp1"
+    fi
+    du -sh "$W"/fsdp*/checkpoint-* 2>/dev/null | tee -a "$LOG"; rm -rf "$W"/fsdp*/checkpoint-*
+  fi
+  python3 - "$OUT/ddp_xl_summary.json" "$W" "$EVERY" <<'PY' 2>&1 | tee -a "$LOG"
+import glob, json, os, statistics, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+path, work, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
+times = {}
+if os.path.exists(f"{work}/times.txt"):
+    for line in open(f"{work}/times.txt"):
+        tag, rc, wall = line.split()
+        times[tag] = {"rc": int(rc), "wall_s": int(wall)}
+out = {"runs_exit_and_wall": times}
+for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
+    d = f"{work}/{tag}"
+    if not os.path.isdir(d):
+        continue
+    curves = {}
+    for f in sorted(glob.glob(f"{d}/logs/**/events.out.tfevents.*", recursive=True)):
+        acc = EventAccumulator(f); acc.Reload()
+        for key in ("loss", "img_per_s"):
+            if key in acc.Tags().get("scalars", []):
+                for e in acc.Scalars(key):
+                    curves.setdefault(key, {})[e.step] = e.value
+    try:
+        res = json.load(open(f"{d}/train_results.json"))
+    except Exception as err:
+        res = {"error": f"{type(err).__name__}: {err}"}
+    steps = sorted(curves.get("img_per_s", {}))
+    # Median of the logged windows after the first one (warm-up), robust to a stall (worker restart at an epoch).
+    ips = [curves["img_per_s"][s] for s in (steps[1:] if len(steps) > 1 else steps)]
+    out[tag] = {"train_results": res, "loss": dict(sorted(curves.get("loss", {}).items())),
+                "img_per_s_windows": {s: curves["img_per_s"][s] for s in steps},
+                "img_per_s_steady": statistics.median(ips) if ips else None}
+g1 = out.get("m1", {}).get("img_per_s_steady"); g2 = out.get("m2", {}).get("img_per_s_steady")
+out["scaling_efficiency"] = g2 / (2 * g1) if g1 and g2 else None
+if "m2" in out and "m3" in out:  # the stopped + resumed run should retrace the uninterrupted 2-GPU curve
+    a, b = out["m2"]["loss"], out["m3"]["loss"]
+    common = sorted(set(a) & set(b))
+    out["m3_vs_m2_max_abs_loss_diff"] = max(abs(a[s] - b[s]) for s in common) if common else None
+json.dump(out, open(path, "w"), indent=1)
+for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
+    if tag not in out:
+        continue
+    r, l = out[tag], out[tag]["loss"]
+    print(f"{tag:9s} img/s {r['img_per_s_steady'] and round(r['img_per_s_steady'], 1)} run img/s "
+          f"{r['train_results'].get('images_per_s') and round(r['train_results']['images_per_s'], 1)} final "
+          f"{r['train_results'].get('final_loss')} steps {r['train_results'].get('global_step')} "
+          f"params {r['train_results'].get('num_parameters')} loss@ {({k: round(v, 4) for k, v in l.items() if k % every == 0})}")
+print("exit codes / wall s:", times)
+print("scaling efficiency (m2 / (2 x m1)):", out["scaling_efficiency"])
+print("resumed vs uninterrupted 2-GPU max |loss diff|:", out.get("m3_vs_m2_max_abs_loss_diff"))
+PY
+  du -sh "$W" 2>/dev/null | tee -a "$LOG"
   ;;
 esac
 ls -la "$OUT" "$OUT"/* | tee -a "$LOG"

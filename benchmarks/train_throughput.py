@@ -137,7 +137,7 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
         return lambda model, x0, labels: maskdit_loss(model, objective, x0, {"class_labels": labels}, 0.5, 0.1)[0]
     if name == "mdt":
         try:
-            from diffusers_masked.training.objectives import DDPMObjective, NoisyBatch
+            from diffusers_masked.training.objectives import DDPMObjective
             from diffusers_masked.training.recipe_mdt import MDTv2Recipe
         except ImportError:  # no recipe yet: both branches with plain MSE
             def mdt_fallback(model, x0, labels):
@@ -150,27 +150,18 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
         recipe = MDTv2Recipe()
         objective = DDPMObjective(prediction_type="epsilon", learned_variance=True)
         args = SimpleNamespace(min_snr_gamma=5.0)
-        if not split_backward:
-            return lambda model, x0, labels: recipe.compute_loss(model, objective, x0, {"class_labels": labels},
-                                                                mdt_mask_ratio, args, None)[0]
-        from diffusers_masked.training.recipe_mdt import LearnedVarianceVLB
+        if split_backward:
+            # What the trainer does with --split_branch_backward: the full branch is back-propagated before the
+            # masked branch runs (same gradients, one branch's activations alive at a time).
+            def backward_part(compute):
+                loss = compute()
+                if torch.is_grad_enabled():
+                    loss.backward()
+                return loss.detach()
 
-        vlb = LearnedVarianceVLB(objective)
-
-        def mdt_split(model, x0, labels):
-            # Same loss and gradients as compute_loss (sum of the two branches), but the full branch is
-            # back-propagated before the masked branch runs, so only one branch's activations are alive at a time.
-            cond = {"class_labels": labels}
-            full = objective.add_noise(x0)
-            loss_full = recipe.branch_loss(model, objective, vlb, x0, full, cond, 0.0, 5.0, None)[0].mean()
-            if torch.is_grad_enabled():
-                loss_full.backward()
-            noise = torch.randn_like(x0)
-            noisy = objective.scheduler.add_noise(x0, noise, full.level)
-            masked = NoisyBatch(model_input=noisy, timestep=full.timestep, noisy=noisy, noise=noise, level=full.level)
-            return recipe.branch_loss(model, objective, vlb, x0, masked, cond, mdt_mask_ratio, 5.0, None)[0].mean()
-
-        return mdt_split
+            recipe.backward_part = backward_part
+        return lambda model, x0, labels: recipe.compute_loss(model, objective, x0, {"class_labels": labels},
+                                                            mdt_mask_ratio, args, None)[0]
     if name in ("deferred", "deferred_moe"):
         from diffusers_masked.training.objectives import EDMObjective
         from diffusers_masked.training.recipe_deferred_maskdit import deferred_maskdit_loss
@@ -567,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fixed mask ratio of MDTv2's masked branch (training draws U[0.3, 0.5) per batch).")
     p.add_argument("--mdt_split_backward", action="store_true",
                    help="MDTv2: back-propagate the full branch before running the masked one (same gradients, "
-                   "about half the activation memory); default: one backward of the summed loss, as the recipe.")
+                   "about half the activation memory), as the recipe's --split_branch_backward; default: one "
+                   "backward of the summed loss.")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="Dense bf16 peak for MFU (H100 SXM: 989).")
     p.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
                    help="Count graph breaks of each model's compiled training forward with torch._dynamo.explain.")

@@ -7,6 +7,7 @@ from diffusers_masked.models.transformer_mdt import (
     MDT_SIZE_PRESETS,
     MDTv2Block,
     gather_relative_index,
+    relative_position_biases,
     relative_position_index,
 )
 
@@ -117,17 +118,44 @@ def test_bias_reaches_attention_and_masked_bias_gather():
     full = block.rel_pos_bias(idx)
     assert full.shape == (1, 2, 16, 16)
     ids_keep = random_token_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(0)).ids_keep
-    kept = block.rel_pos_bias(gather_relative_index(idx, ids_keep))
+    kept = block.rel_pos_bias(idx, ids_keep)
     assert kept.shape == (3, 2, 8, 8)
+    table = block.rel_pos_bias.relative_position_bias_table
+    rel = gather_relative_index(idx, ids_keep)
     for b in range(3):
         ref = full[0][:, ids_keep[b]][:, :, ids_keep[b]]
         torch.testing.assert_close(kept[b], ref)
-    # The bias changes the output: zeroing it must change the block's result.
+        torch.testing.assert_close(kept[b], table[rel[b]].permute(2, 0, 1))
+    # The bias changes the output: scaling the table must change the block's result.
     x, cond = torch.randn(1, 16, 32), torch.randn(1, 32)
-    before = block(x, cond, idx)
+    before = block(x, cond, block.rel_pos_bias(idx))
     with torch.no_grad():
-        block.rel_pos_bias.relative_position_bias_table.mul_(50)
-    assert not torch.allclose(block(x, cond, idx), before)
+        table.mul_(50)
+    assert not torch.allclose(block(x, cond, block.rel_pos_bias(idx)), before)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_joint_bias_lookup_matches_per_block_lookups(masked):
+    """One concatenated lookup for many blocks gives each block its own bias and the same gradients."""
+    model = randomize(tiny())
+    blocks = [m for m in model.modules() if isinstance(m, MDTv2Block)]
+    idx = model.relative_position_index
+    ids_keep = random_token_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(2)).ids_keep if masked else None
+    tables = [b.rel_pos_bias.relative_position_bias_table for b in blocks]
+    joint = relative_position_biases(tables, idx, ids_keep)
+    weights = [torch.randn_like(j) for j in joint]
+    grads = torch.autograd.grad(sum((j * w).sum() for j, w in zip(joint, weights)), tables)
+    for blk, bias, w, g in zip(blocks, joint, weights, grads):
+        assert bias.is_contiguous()
+        rel = idx if ids_keep is None else gather_relative_index(idx, ids_keep)
+        ref = blk.rel_pos_bias.relative_position_bias_table[rel]
+        ref = ref.permute(2, 0, 1).unsqueeze(0) if ids_keep is None else ref.permute(0, 3, 1, 2)
+        torch.testing.assert_close(bias, ref)
+        (ref_grad,) = torch.autograd.grad((ref * w).sum(), blk.rel_pos_bias.relative_position_bias_table)
+        torch.testing.assert_close(g, ref_grad)
+    # Under autocast the biases come out in the compute dtype (no per-block cast later).
+    half = relative_position_biases(tables, idx, ids_keep, torch.bfloat16)
+    assert all(h.dtype == torch.bfloat16 for h in half)
 
 
 def test_mask_ratio_zero_never_runs_side_interpolater():
@@ -152,8 +180,9 @@ def test_masked_shortcut_uses_side_output_only_at_masked_positions():
     from diffusers_masked.models.masking import restore_tokens
 
     q = restore_tokens(x_kept, tm.ids_restore, side.mask_token) + model.decoder_pos_embed
-    k_hat = side.block(q, cond, idx)
-    out = side(x_kept, cond, tm, model.decoder_pos_embed, idx)
+    bias = side.block.rel_pos_bias(idx)
+    k_hat = side.block(q, cond, bias)
+    out = side(x_kept, cond, tm, model.decoder_pos_embed, bias)
     m = tm.mask.unsqueeze(-1)
     torch.testing.assert_close(out, torch.where(m, k_hat, q))
     # Visible tokens pass through unchanged (encoder output + position), masked ones are the prediction.
@@ -273,3 +302,30 @@ def test_bad_inputs_raise(kwargs):
 def test_bad_config_raises(overrides):
     with pytest.raises(ValueError):
         tiny(**overrides)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5])
+def test_compiles_fullgraph_under_autocast(mask_ratio):
+    # backend="eager": dynamo's full tracing (fails on any graph break) without inductor codegen.
+    model = randomize(tiny())
+    x, t, y = inputs(model)
+    # Generators are not traceable: the trainer passes the mask as ids_keep (drawn outside) or a ratio.
+    kw = {}
+    if mask_ratio:
+        kw["ids_keep"] = random_token_mask(2, 16, mask_ratio, generator=torch.Generator().manual_seed(0)).ids_keep
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x, t, y, **kw).sample
+        ref = model(x, t, y, **kw).sample
+    torch.testing.assert_close(out, ref)
+
+
+def test_two_forwards_then_backward_survive_in_place_buffer_broadcast():
+    """DDP re-broadcasts buffers in place before each forward; MDTv2 trains two branches before one backward."""
+    model = randomize(tiny())
+    x, t, y = inputs(model)
+    full = model(x, t, y).sample
+    model.relative_position_index.add_(0)  # what DDP's broadcast does to the version counter
+    masked = model(x, t, y, mask_ratio=0.5).sample
+    (full.square().mean() + masked.square().mean()).backward()
+    assert model.encoder_in_blocks[0].rel_pos_bias.relative_position_bias_table.grad is not None

@@ -175,15 +175,38 @@ def test_hub_upload_is_prepared_without_network(tmp_path, monkeypatch):
 
 
 @needs_fmnist
-def test_two_process_cpu_run(tmp_path):
-    args = tiny_args(tmp_path)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_examples" / "train_maskdit.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "run" / "model_index.json").exists()
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+def test_two_process_cpu_run_resumes_exactly(tmp_path):
+    """Real 2-process DDP (gloo) on CPU: an interrupted + resumed run ends with the uninterrupted run's weights.
+
+    Each process draws its own noise; the checkpoint must restore every process's generator, not only rank 0's."""
+    # `--cpu --num_processes 2` alone starts ONE process; ACCELERATE_USE_CPU + --multi_gpu gives 2 gloo workers.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(REPO / "train_examples" / "train_maskdit.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+
+    def run(out, *extra):
+        import socket
+
+        with socket.socket() as sock:  # a free rendezvous port per launch (no clash with a lingering one)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args = tiny_args(tmp_path, out=out, **{"max_train_steps": 4, "checkpointing_steps": 2})
+        cmd = launch[:3] + ["--main_process_port", str(port)] + launch[3:] + args + list(extra)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    log = run("ref")
+    assert "global batch 16" in log  # 2 processes x 8
+    run("resumed", "--stop_after_steps", "2")
+    assert not (tmp_path / "resumed" / "model_index.json").exists()
+    assert "Resumed" in run("resumed", "--resume_from_checkpoint", "latest")
+    ref = load_file(tmp_path / "ref" / "transformer" / "diffusion_pytorch_model.safetensors")
+    got = load_file(tmp_path / "resumed" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=key)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "ref")
     assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 28, 28, 1)
 
 

@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -212,18 +212,39 @@ class EpochBatchSampler(Sampler):
 
 
 class _TrainState:
-    """Counters and the noise generator, saved in every checkpoint through accelerate's custom-object hook."""
+    """Counters and every process's noise generator, saved in each checkpoint through accelerate's custom-object hook.
+
+    accelerate writes custom objects from the main process only, but calls `state_dict` on every process: the
+    generator states of all processes are gathered there, so each one resumes its own noise / mask stream."""
 
     def __init__(self, generator: torch.Generator):
         self.global_step = 0
         self.generator = generator
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"global_step": self.global_step, "generator": self.generator.get_state()}
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        state = self.generator.get_state()
+        states = gather_object([state]) if PartialState().num_processes > 1 else [state]
+        return {"global_step": self.global_step, "generators": states}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        from accelerate import PartialState
+
         self.global_step = int(state["global_step"])
-        self.generator.set_state(state["generator"])
+        partial = PartialState()
+        states = state.get("generators", [state.get("generator")])
+        if len(states) != partial.num_processes:
+            # Another process count changes the per-process batches anyway; keep going with fresh noise streams.
+            logger.warning(
+                "This checkpoint was written by %d process(es) and %d resume it: training continues, but not "
+                "exactly as the interrupted run would have (same --num_processes for an exact resume).",
+                len(states), partial.num_processes,
+            )
+            self.generator.manual_seed(self.generator.initial_seed() + 7919 * self.global_step)
+            return
+        self.generator.set_state(states[partial.process_index])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,7 +409,9 @@ class Trainer:
         if args.use_ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config)
+            # foreach: one fused update over all tensors instead of a Python loop of small kernels per step.
+            self.ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True, model_cls=type(model),
+                                model_config=model.config)
             self.ema.to(self.accelerator.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self.build_optimizer(params)
@@ -604,6 +627,18 @@ class Trainer:
 
         return write_model_card(self, metrics)
 
+    def backward_part(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run ``compute()`` (a forward pass and its loss) and back-propagate it now, without a gradient all-reduce.
+
+        For recipes whose step has several independent forward passes (MDTv2's full and masked branches): the
+        activations of one part are freed before the next runs, so the peak memory is one part's. The gradients
+        accumulate; the recipe returns the last part's loss, whose backward (in the loop) syncs them as usual.
+        Returns the detached loss for logging."""
+        with self.accelerator.no_sync(self.model):
+            loss = compute()
+            self.accelerator.backward(loss)
+        return loss.detach()
+
     # ---- loop ----------------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         from tqdm.auto import tqdm
@@ -616,9 +651,10 @@ class Trainer:
             self._sample_base_grid()
         model_cfg = self.unwrapped_model.config
         n_params = sum(p.numel() for p in self.unwrapped_model.parameters())
-        logger.info("%s: %.2fM parameters, input %dx%dx%d, %d samples, global batch %d", type(self.unwrapped_model).__name__,
-                    n_params / 1e6, model_cfg.in_channels, self.sample_size, self.sample_size, len(self.train_dataset),
-                    args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps)
+        if acc.is_main_process:
+            logger.info("%s: %.2fM parameters, input %dx%dx%d, %d samples, global batch %d", type(self.unwrapped_model).__name__,
+                        n_params / 1e6, model_cfg.in_channels, self.sample_size, self.sample_size, len(self.train_dataset),
+                        args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps)
         steps_per_epoch = len(self.sampler) // args.gradient_accumulation_steps
         if steps_per_epoch == 0:
             raise ValueError("One epoch holds fewer batches than --gradient_accumulation_steps; lower it or add data.")
