@@ -143,6 +143,25 @@ call5)
       --compile_batch_sizes 256 --time_budget_s 200 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
+call6)
+  # Issue 6, rows still missing (each compile ~100-200 s): compiled b32 of DiT / MaskDiT / DeferredMaskDiT.
+  B="python3 benchmarks/train_throughput.py --no-explain"
+  timeout 560 $B --out "$OUT/r/c_b32" --modes compile --sizes XL --models dit maskdit deferred deferred_moe \
+      --compile_batch_sizes 32 --time_budget_s 420 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
+call7)
+  # Issue 6, rows still missing: compiled b256 DeferredMaskDiT dense / MoE, compiled MDTv2 joint b32, and sampling
+  # of MDTv2Pipeline after the attention-bias changes (vs DiTPipeline in the same call).
+  B="python3 benchmarks/train_throughput.py --no-explain"
+  F="should be kept in float32"
+  timeout 300 $B --out "$OUT/r/c_deferred256" --modes compile --sizes XL --models deferred deferred_moe \
+      --compile_batch_sizes 256 --time_budget_s 200 2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 150 $B --out "$OUT/r/inference" --skip_training --inference --models dit mdt 2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 200 $B --out "$OUT/r/mdt_c32_joint" --modes compile --sizes XL --models mdt --compile_batch_sizes 32 \
+      2>&1 | grep -v "$F" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
 mdtfix)
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 --mdt_split_backward --profile mdt:XL:32:eager 2>&1 | grep -v "float32" | tee -a "$LOG"
