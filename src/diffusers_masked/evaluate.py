@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,6 +59,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help='Text pipelines: a .txt (one prompt per line) or .jsonl ({"prompt": ..., "label": k} per '
         "line; labels enable conditional accuracy). Prompts are cycled over the samples.",
+    )
+    g.add_argument(
+        "--scheduler",
+        type=str,
+        default=None,
+        help="Sample with this diffusers scheduler class instead of the saved one, built from the saved scheduler's "
+        "config (e.g. DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler; EDM pipelines: "
+        "EDMEulerScheduler, EDMDPMSolverMultistepScheduler).",
     )
     g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu).")
     g.add_argument(
@@ -165,6 +173,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def build_scheduler(name: str, config: Any):
+    """diffusers scheduler ``name`` (a class name) from another scheduler's ``config``; clear error if unknown."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
+        raise ValueError(f"--scheduler {name!r} is not a diffusers scheduler class; choose one of: {', '.join(known)}.")
+    return cls.from_config(config)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -198,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"--pipeline {args.pipeline} does not exist: pass a folder saved by a trainer or save_pretrained."
             )
         pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pipeline)
+        if args.scheduler:
+            pipeline.scheduler = build_scheduler(args.scheduler, pipeline.scheduler.config)
         pipeline.to(device)
         if args.dtype != "float32":
             pipeline.to(getattr(torch, args.dtype))

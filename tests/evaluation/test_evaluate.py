@@ -99,6 +99,15 @@ def test_command_end_to_end(fashion_mnist, tiny_pipeline_dir, classifier_file, t
     assert again["reference"]["type"] == "stats"
 
 
+def test_scheduler_override_is_used_and_recorded(fashion_mnist, tiny_pipeline_dir, classifier_file, tmp_path):
+    result = _cli(tiny_pipeline_dir, classifier_file, tmp_path, "--scheduler", "EDMDPMSolverMultistepScheduler")
+    assert result["settings"]["scheduler"] == "EDMDPMSolverMultistepScheduler"
+    base = _cli(tiny_pipeline_dir, classifier_file, tmp_path)
+    assert base["metrics"]["fd"] != result["metrics"]["fd"]  # other sampler, other samples
+    with pytest.raises(ValueError, match="not a diffusers scheduler"):
+        _cli(tiny_pipeline_dir, classifier_file, tmp_path, "--scheduler", "NoSuchScheduler")
+
+
 def test_samples_do_not_depend_on_batch_size(tiny_pipeline_dir):
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     assert isinstance(pipe, MaskDiTPipeline)

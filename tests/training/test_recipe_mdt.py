@@ -32,6 +32,7 @@ def tiny_model():
 def args(**overrides):
     base = dict(objective=None, mask_ratio=None, mask_ratio_range=[0.3, 0.5], min_snr_gamma=5.0, max_train_steps=100,
                 unmasked_finetune_steps=0, no_masked_branch=False, use_adan=False, num_decoder_layers=None,
+                split_branch_backward=True,
                 learning_rate=1e-3, adam_weight_decay=0.0, adam_epsilon=1e-8, mask_ratio_levels=4)
     base.update(overrides)
     return SimpleNamespace(**base)
@@ -247,7 +248,7 @@ def test_trainer_split_branch_backward_trains_like_the_joint_run(tmp_path):
                 "--max_train_samples", "32", "--train_batch_size", "8", "--max_train_steps", "3",
                 "--checkpointing_steps", "3", "--validation_steps", "0", "--report_to", "none",
                 "--logging_steps", "1", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-                "--fashion_mnist_dir", str(FASHION_MNIST)] + (["--split_branch_backward"] if split else [])
+                "--fashion_mnist_dir", str(FASHION_MNIST)] + (["--split_branch_backward"] if split else ["--no-split_branch_backward"])
         results.append(main(MDTv2Recipe(), argv))
     assert results[1]["finished"]
     assert results[0]["final_loss"] == pytest.approx(results[1]["final_loss"], rel=1e-4)
