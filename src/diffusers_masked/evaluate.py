@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -173,18 +173,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build_scheduler(name: str, config: Any):
-    """diffusers scheduler ``name`` (a class name) from another scheduler's ``config``; clear error if unknown."""
-    import diffusers
-    from diffusers import SchedulerMixin
-
-    cls = getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
-        raise ValueError(f"--scheduler {name!r} is not a diffusers scheduler class; choose one of: {', '.join(known)}.")
-    return cls.from_config(config)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -219,7 +207,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pipeline)
         if args.scheduler:
-            pipeline.scheduler = build_scheduler(args.scheduler, pipeline.scheduler.config)
+            from .utils import build_scheduler
+
+            try:
+                pipeline.scheduler = build_scheduler(args.scheduler, pipeline.scheduler.config)
+            except ValueError as err:
+                raise ValueError(f"--scheduler: {err}") from None
         pipeline.to(device)
         if args.dtype != "float32":
             pipeline.to(getattr(torch, args.dtype))

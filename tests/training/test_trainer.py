@@ -98,6 +98,8 @@ def test_bad_flags_fail_early(tmp_path):
         parse_args(MaskDiTRecipe(), ["--cache_latents"])
     with pytest.raises(ValueError, match="unmasked_finetune_steps"):
         parse_args(MaskDiTRecipe(), ["--max_train_steps", "5", "--unmasked_finetune_steps", "6"])
+    with pytest.raises(ValueError, match="validation_scheduler"):
+        parse_args(MaskDiTRecipe(), ["--validation_scheduler", "NoSuchScheduler"])
 
 
 @needs_fmnist
@@ -231,3 +233,32 @@ def test_eval_hook_and_wall_clock_budget(tmp_path, monkeypatch):
     log = [json.loads(x) for x in (tmp_path / "run" / "eval_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 1 and log[-1]["eval/fd"] == 10.0 and "wall_clock_s" in log[-1]
     assert calls[0]["num_samples"] == 8 and result["eval/conditional_accuracy"] == 0.5
+
+
+@needs_fmnist
+@pytest.mark.parametrize("objective,flag,expected", [
+    ("epsilon", None, "DPMSolverMultistepScheduler"),  # DDPM objectives sample validation with DPM-Solver++
+    ("epsilon", "saved", "DDPMScheduler"),
+    ("edm", None, "EDMEulerScheduler"),
+    ("edm", "EDMDPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"),
+])
+def test_validation_scheduler(tmp_path, monkeypatch, objective, flag, expected):
+    import diffusers_masked.evaluation as evaluation
+
+    seen = []
+
+    def fake_evaluate(pipe, **kwargs):
+        seen.append(type(pipe.scheduler).__name__)
+        return {"metrics": {"fd": 1.0}, "settings": {"scheduler": type(pipe.scheduler).__name__}}
+
+    monkeypatch.setattr(evaluation, "evaluate_pipeline", fake_evaluate)
+    extra = {"objective": objective, "eval_every_steps": 2, "eval_num_samples": 8, "max_train_steps": 2}
+    if flag:
+        extra["validation_scheduler"] = flag
+    main(MaskDiTRecipe(), tiny_args(tmp_path, **extra))
+    assert seen and set(seen) == {expected}
+    log = [json.loads(x) for x in (tmp_path / "run" / "eval_log.jsonl").read_text().splitlines()]
+    assert log[-1]["scheduler"] == expected
+    # The saved pipeline keeps the objective's own scheduler.
+    saved = json.loads((tmp_path / "run" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert saved == ("DDPMScheduler" if objective == "epsilon" else "EDMEulerScheduler")

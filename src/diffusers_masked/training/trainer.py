@@ -35,6 +35,7 @@ from .data import (
     load_image_dataset,
     sample_latents,
 )
+from .objectives import DDPMObjective
 from .recipe import TrainingRecipe
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,10 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--validation_images_per_class", type=int, default=4)
     g.add_argument("--validation_inference_steps", type=int, default=40)
     g.add_argument("--validation_guidance_scale", type=float, default=1.5)
+    g.add_argument("--validation_scheduler", type=str, default=None,
+                   help="diffusers scheduler class for validation grids and --eval_* sampling (the saved pipeline "
+                   "keeps its own), e.g. DDIMScheduler; 'saved' = the pipeline's. Default: DPMSolverMultistepScheduler "
+                   "for DDPM objectives (DDPM at 40 steps leaves visible noise), the saved EDM Euler otherwise.")
     g.add_argument("--eval_every_steps", type=int, default=0, help="Score samples every N steps (and at the end): "
                    "Fréchet distance and conditional accuracy (diffusers_masked.evaluation); 0 = off.")
     g.add_argument("--eval_every_minutes", type=float, default=0.0,
@@ -176,6 +181,12 @@ def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argp
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if args.validation_scheduler not in (None, "saved"):
+        import diffusers
+
+        if not isinstance(getattr(diffusers, args.validation_scheduler, None), type):
+            raise ValueError(f"--validation_scheduler {args.validation_scheduler!r} is not a diffusers scheduler "
+                             "class (e.g. DDIMScheduler, DPMSolverMultistepScheduler) nor 'saved'.")
     return args
 
 
@@ -526,6 +537,23 @@ class Trainer:
         return self.recipe.build_pipeline(self.unwrapped_model, self.objective.inference_scheduler(), self.vae,
                                           self.id2label, self)
 
+    @property
+    def validation_scheduler_name(self) -> Optional[str]:
+        """Scheduler class used for validation grids and in-training evaluation (`None`: the saved one)."""
+        name = self.args.validation_scheduler
+        if name is None:
+            return "DPMSolverMultistepScheduler" if isinstance(self.objective, DDPMObjective) else None
+        return None if name == "saved" else name
+
+    def make_sampling_pipeline(self):
+        """`make_pipeline` with --validation_scheduler swapped in (validation grids and evaluation only)."""
+        pipe = self.make_pipeline()
+        if self.validation_scheduler_name:
+            from ..utils import build_scheduler
+
+            pipe.scheduler = build_scheduler(self.validation_scheduler_name, pipe.scheduler.config)
+        return pipe
+
     @contextlib.contextmanager
     def sampling_weights(self):
         """Eval mode and, with --use_ema, the EMA weights for the duration of the block."""
@@ -548,7 +576,7 @@ class Trainer:
 
         args = self.args
         with self.sampling_weights():
-            pipe = self.make_pipeline()
+            pipe = self.make_sampling_pipeline()
             pipe.set_progress_bar_config(disable=True)
             report = evaluate_pipeline(
                 pipe, reference=args.eval_reference, num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
@@ -558,10 +586,11 @@ class Trainer:
             )
         images_per_step = args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
         record = {"step": step, "images_seen": step * images_per_step, "wall_clock_s": train_seconds,
+                  "scheduler": report.get("settings", {}).get("scheduler"),
                   **{f"eval/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}}
         with open(self.output_dir / "eval_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.accelerator.log(record, step=step)
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         return record
 
     @torch.no_grad()
@@ -570,7 +599,7 @@ class Trainer:
         from diffusers.utils import make_image_grid
 
         with self.sampling_weights():
-            pipe = self.make_pipeline()
+            pipe = self.make_sampling_pipeline()
             pipe.set_progress_bar_config(disable=True)
             gen = torch.Generator(device="cpu").manual_seed(self.args.seed)
             images, cols = self.recipe.validation_images(pipe, self, gen)

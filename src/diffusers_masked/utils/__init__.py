@@ -1,3 +1,4 @@
+from .schedulers import build_scheduler
 from .text_encoders import DEFAULT_TEXT_ENCODER_PACKAGE, default_text_encoder_path, load_default_text_encoder
 
-__all__ = ["DEFAULT_TEXT_ENCODER_PACKAGE", "default_text_encoder_path", "load_default_text_encoder"]
+__all__ = ["build_scheduler", "DEFAULT_TEXT_ENCODER_PACKAGE", "default_text_encoder_path", "load_default_text_encoder"]
