@@ -84,17 +84,12 @@ ddp)
   run gpu2_resume accelerate launch --multi_gpu --num_processes 2 $COMMON --train_batch_size 128 \
       --output_dir /tmp/d3 --resume_from_checkpoint latest
   python3 - "$OUT/ddp_summary.json" <<'PY' 2>&1 | tee -a "$LOG"
-import glob, json, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import json, sys
+sys.path.insert(0, "benchmarks")
+from tb_curves import read_curves
 out = {}
 for tag, d in (("gpu1", "/tmp/d1"), ("gpu2", "/tmp/d2"), ("gpu2_resumed", "/tmp/d3")):
-    curves = {}
-    for f in sorted(glob.glob(f"{d}/logs/**/events.out.tfevents.*", recursive=True)):
-        acc = EventAccumulator(f); acc.Reload()
-        for key in ("loss", "img_per_s"):
-            if key in acc.Tags().get("scalars", []):
-                for e in acc.Scalars(key):
-                    curves.setdefault(key, {})[e.step] = e.value
+    curves = read_curves(d)
     res = {}
     try:
         res = json.load(open(f"{d}/train_results.json"))
@@ -130,18 +125,12 @@ call4)
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
 call5)
-  # Issue 12: the DeferredMaskDiT row of the equal wall-clock study (same settings as stage conv); issue 6: compiled
-  # DeferredMaskDiT XL b256 (dense and MoE).
+  # Issue 12: the DeferredMaskDiT row of the equal wall-clock study (same settings as stage conv).
   export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
   timeout 260 python3 benchmarks/convergence.py --models deferred_maskdit --minutes 1.0 --eval_every_minutes 0.33 \
       --eval_num_samples 1000 --train_batch_size 128 --out "$OUT/conv" --work_dir /tmp/convruns 2>&1 \
       | tr '\r' '\n' | grep -v "it/s\|s/it\|^$" | grep -v "accelerate.checkpointing\|Saving current state" \
       | tail -n 30 | tee -a "$LOG"
-  B="python3 benchmarks/train_throughput.py --no-explain"
-  echo "== compiled XL DeferredMaskDiT dense / MoE at b256 ==" | tee -a "$LOG"
-  timeout 300 $B --out "$OUT/r/c_deferred256" --modes compile --sizes XL --models deferred deferred_moe \
-      --compile_batch_sizes 256 --time_budget_s 200 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
-  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
 call6)
   # Issue 6, rows still missing (each compile ~100-200 s): compiled b32 of DiT / MaskDiT / DeferredMaskDiT.
@@ -257,8 +246,9 @@ ddp_xl)
     du -sh "$W"/fsdp*/checkpoint-* 2>/dev/null | tee -a "$LOG"; rm -rf "$W"/fsdp*/checkpoint-*
   fi
   python3 - "$OUT/ddp_xl_summary.json" "$W" "$EVERY" <<'PY' 2>&1 | tee -a "$LOG"
-import glob, json, os, statistics, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import json, os, statistics, sys
+sys.path.insert(0, "benchmarks")
+from tb_curves import read_curves
 path, work, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
 times = {}
 if os.path.exists(f"{work}/times.txt"):
@@ -270,13 +260,7 @@ for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
     d = f"{work}/{tag}"
     if not os.path.isdir(d):
         continue
-    curves = {}
-    for f in sorted(glob.glob(f"{d}/logs/**/events.out.tfevents.*", recursive=True)):
-        acc = EventAccumulator(f); acc.Reload()
-        for key in ("loss", "img_per_s"):
-            if key in acc.Tags().get("scalars", []):
-                for e in acc.Scalars(key):
-                    curves.setdefault(key, {})[e.step] = e.value
+    curves = read_curves(d)
     try:
         res = json.load(open(f"{d}/train_results.json"))
     except Exception as err:

@@ -6,10 +6,15 @@ from diffusers_masked.models.masking import random_token_mask
 from diffusers_masked.models.transformer_mdt import (
     MDT_SIZE_PRESETS,
     MDTv2Block,
-    gather_relative_index,
     relative_position_biases,
     relative_position_index,
 )
+
+
+def gather_relative_index(index, ids_keep):
+    """Reference: each sample's (K, K) block of the (N, N) relative position index."""
+    b, k = ids_keep.shape
+    return torch.gather(index[ids_keep], 2, ids_keep.unsqueeze(1).expand(b, k, k))
 
 
 def tiny(**overrides):

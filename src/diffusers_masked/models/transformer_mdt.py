@@ -57,13 +57,6 @@ def relative_position_index(grid_size: int) -> torch.Tensor:
     return d_row * (2 * grid_size - 1) + d_col
 
 
-def gather_relative_index(index: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """Rows and columns of the kept tokens: ``index`` (N, N), ``ids_keep`` (B, K) -> (B, K, K)."""
-    b, k = ids_keep.shape
-    rows = index[ids_keep]  # (B, K, N)
-    return torch.gather(rows, 2, ids_keep.unsqueeze(1).expand(b, k, k))
-
-
 def relative_position_biases(
     tables: Sequence[torch.Tensor],
     index: torch.Tensor,

@@ -182,11 +182,12 @@ def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argp
         if not ok:
             raise ValueError(message)
     if args.validation_scheduler not in (None, "saved"):
-        import diffusers
+        from ..utils import scheduler_class
 
-        if not isinstance(getattr(diffusers, args.validation_scheduler, None), type):
-            raise ValueError(f"--validation_scheduler {args.validation_scheduler!r} is not a diffusers scheduler "
-                             "class (e.g. DDIMScheduler, DPMSolverMultistepScheduler) nor 'saved'.")
+        try:
+            scheduler_class(args.validation_scheduler)
+        except ValueError as err:
+            raise ValueError(f"--validation_scheduler (or 'saved'): {err}") from None
     return args
 
 
@@ -765,7 +766,20 @@ class Trainer:
             self.finish(result)
         acc.wait_for_everyone()
         acc.end_training()
+        if acc.num_processes > 1:
+            self._release_process_group()
         return result
+
+    def _release_process_group(self) -> None:
+        """Free the DDP wrapper, the last owner of the process group, while its worker threads are idle.
+
+        PyTorch's gloo process group joins its worker threads in its destructor with the GIL held, and a worker may
+        still need the GIL to free the last collective's tensors (pytorch/pytorch#56297): freeing the wrapper right
+        after the final barrier could deadlock (seen on 2 CPU processes). Sleeping releases the GIL so the workers
+        finish first; then the wrapper is dropped here instead of at an arbitrary later point."""
+        time.sleep(0.5)
+        self.model = self.unwrapped_model
+        self.accelerator.free_memory()
 
     def finish(self, result: Dict[str, Any]) -> None:
         """Write the pipeline, the final sample grid, the model card and (optionally) push to the Hub."""

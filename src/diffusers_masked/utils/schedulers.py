@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def build_scheduler(name: str, config: Any):
-    """The diffusers scheduler class ``name`` (e.g. ``"DDIMScheduler"``) built from another scheduler's ``config``.
-
-    Raises a `ValueError` naming the known scheduler classes when ``name`` is not one."""
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class called ``name``; a `ValueError` naming the known ones if there is none."""
     import diffusers
     from diffusers import SchedulerMixin
 
@@ -16,4 +14,9 @@ def build_scheduler(name: str, config: Any):
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
         raise ValueError(f"{name!r} is not a diffusers scheduler class; choose one of: {', '.join(known)}.")
-    return cls.from_config(config)
+    return cls
+
+
+def build_scheduler(name: str, config: Any):
+    """The diffusers scheduler class ``name`` (e.g. ``"DDIMScheduler"``) built from another scheduler's ``config``."""
+    return scheduler_class(name).from_config(config)
