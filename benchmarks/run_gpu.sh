@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl >/dev/null 2>&1 || echo "pip install failed"
-export PYTHONPATH=$PWD/src:/tmp/site
+export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH
 LOG=$OUT/log.txt
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -100,6 +100,8 @@ for tag, d in (("gpu1", "/tmp/d1"), ("gpu2", "/tmp/d2"), ("gpu2_resumed", "/tmp/
                 "img_per_s_steady": sum(ips) / len(ips) if ips else None}
 g1, g2 = out["gpu1"]["img_per_s_steady"], out["gpu2"]["img_per_s_steady"]
 out["scaling_efficiency"] = g2 / (2 * g1) if g1 and g2 else None
+g2b = out.get("m2bf16", {}).get("img_per_s_steady")
+out["scaling_efficiency_bf16_allreduce"] = g2b / (2 * g1) if g1 and g2b else None
 json.dump(out, open(sys.argv[1], "w"), indent=1)
 for tag in ("gpu1", "gpu2", "gpu2_resumed"):
     l = out[tag]["loss"]
@@ -133,22 +135,23 @@ call5)
       | tail -n 30 | tee -a "$LOG"
   ;;
 call6)
-  # Issue 6, rows still missing (each compile ~100-200 s): compiled b32 of DiT / MaskDiT / DeferredMaskDiT.
+  # Issue 6, rows still missing (an XL compile takes ~100-200 s): compiled b32 of DiT and MaskDiT, compiled MDTv2 b32
+  # with the joint backward, and sampling of MDTv2Pipeline after the attention-bias changes (vs DiTPipeline).
   B="python3 benchmarks/train_throughput.py --no-explain"
-  timeout 560 $B --out "$OUT/r/c_b32" --modes compile --sizes XL --models dit maskdit deferred deferred_moe \
-      --compile_batch_sizes 32 --time_budget_s 420 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  F="should be kept in float32"
+  timeout 260 $B --out "$OUT/r/c_b32" --modes compile --sizes XL --models dit maskdit --compile_batch_sizes 32 \
+      2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 170 $B --out "$OUT/r/mdt_c32_joint" --modes compile --sizes XL --models mdt --compile_batch_sizes 32 \
+      2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 130 $B --out "$OUT/r/inference" --skip_training --inference --models dit mdt 2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
 call7)
-  # Issue 6, rows still missing: compiled b256 DeferredMaskDiT dense / MoE, compiled MDTv2 joint b32, and sampling
-  # of MDTv2Pipeline after the attention-bias changes (vs DiTPipeline in the same call).
+  # Issue 6, rows still missing: compiled DeferredMaskDiT dense / MoE at b32 and b256 (DiT-XL/2 compiled b256 OOMs,
+  # so b256 ratios use DiT's b128 row).
   B="python3 benchmarks/train_throughput.py --no-explain"
-  F="should be kept in float32"
-  timeout 300 $B --out "$OUT/r/c_deferred256" --modes compile --sizes XL --models deferred deferred_moe \
-      --compile_batch_sizes 256 --time_budget_s 200 2>&1 | grep -v "$F" | tee -a "$LOG"
-  timeout 150 $B --out "$OUT/r/inference" --skip_training --inference --models dit mdt 2>&1 | grep -v "$F" | tee -a "$LOG"
-  timeout 200 $B --out "$OUT/r/mdt_c32_joint" --modes compile --sizes XL --models mdt --compile_batch_sizes 32 \
-      2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 570 $B --out "$OUT/r/c_deferred" --modes compile --sizes XL --models deferred deferred_moe \
+      --compile_batch_sizes 32 256 --time_budget_s 470 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
 mdtfix)
@@ -164,7 +167,7 @@ ddp_xl)
   # runs of MDTv2-XL/2 and DeferredMaskDiT-XL/2 (class-conditional: no MiniLM on the host); FSDP2 (then FSDP1) attempt
   # with DeferredMaskDiT-XL/2 (1.17B, the largest preset). CPU=1 runs the same commands scaled down on CPU processes
   # (benchmarks/rehearse_ddp_cpu.sh). DDP_XL_PARTS picks parts; STAGE_BUDGET_S caps the stage (timeouts shrink).
-  W=${DDP_XL_WORK:-/tmp/ddp_xl}; PARTS=${DDP_XL_PARTS:-"cache ddp short fsdp"}; BUDGET=${STAGE_BUDGET_S:-560}
+  W=${DDP_XL_WORK:-/tmp/ddp_xl}; PARTS=${DDP_XL_PARTS:-"cache ddp comm resume short fsdp"}; BUDGET=${STAGE_BUDGET_S:-560}
   if [ "${CPU:-0}" = 1 ]; then
     DATA_DIR=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}; RES=64; NS=128; MP=bf16; NW=1; LOGS=5; EVERY=5
     CFG_M=S/2; CFG_MDT=S/2; CFG_DEF=Debug/2; B=8; B_MDT=4; B_DEF=8; STEPS=20; STOP=10; SHORT=6; FSTEPS=4
@@ -177,9 +180,13 @@ ddp_xl)
     DATA_DIR=$FM; RES=256; NS=8192; MP=bf16; NW=4; LOGS=5; EVERY=25
     CFG_M=XL/2; CFG_MDT=XL/2; CFG_DEF=XL/2; B=128; B_MDT=32; B_DEF=128; STEPS=100; STOP=50; SHORT=40; FSTEPS=20
     L1="accelerate launch --num_processes 1"; L2="accelerate launch --multi_gpu --num_processes 2"
-    T_CACHE=100; T_RUN=150; T_SHORT=100; T_FSDP=110
+    T_CACHE=100; T_RUN=150; T_SHORT=${T_SHORT:-100}; T_FSDP=110
   fi
-  rm -rf "$W"; mkdir -p "$W" "$OUT/ddp_xl_logs"; T0=$SECONDS
+  PARTS=" ${PARTS/short/mdt deferred} "
+  # A later call on the same warm machine reuses the VAE and latent cache; a fresh machine builds them first.
+  [ -d "$W/latents" ] || PARTS="$PARTS cache "
+  [[ "$PARTS" == *" cache "* ]] && rm -rf "$W"
+  mkdir -p "$W" "$OUT/ddp_xl_logs"; T0=$SECONDS
   # Same --vae_path / --resolution / --max_train_samples / --latent_cache_dir everywhere: the cache fingerprint
   # matches, so only the first run encodes ("Encoding latents" must appear in one log only).
   DATA="--fashion_mnist_dir $DATA_DIR --vae_path $W/vae --cache_latents --latent_cache_dir $W/latents --resolution $RES \
@@ -190,7 +197,18 @@ ddp_xl)
   tmo() { local left=$((BUDGET - (SECONDS - T0) - 25)); [ "$left" -lt 30 ] && echo 0 || echo $(( $1 < left ? $1 : left )); }
   xrun() { local tag=$1 t; t=$(tmo "$2"); shift 2; echo "== $tag (timeout ${t}s) ==" | tee -a "$LOG"
     [ "$t" = 0 ] && { echo "skipped: stage budget spent" | tee -a "$LOG"; echo "$tag -1 0" >> "$W/times.txt"; return; }
-    local s=$SECONDS; timeout "$t" "$@" > "$W/$tag.raw" 2>&1; local rc=$?
+    local s=$SECONDS; timeout "$t" "$@" > "$W/$tag.raw" 2>&1 & local pid=$!
+    if [ "${DDP_XL_SPY:-0}" = 1 ]; then
+      # Exit-hang probe: 15 s after rank 0 reports the saved pipeline, dump the stacks of whatever still runs.
+      ( while kill -0 $pid 2>/dev/null; do
+          if grep -q "Saved the pipeline" "$W/$tag.raw"; then
+            sleep 15; kill -0 $pid 2>/dev/null || break
+            for p in $(pgrep -f "train_examples/"); do echo "== py-spy $p: $(tr '\0' ' ' < /proc/$p/cmdline | cut -c1-120)"
+              py-spy dump --native --pid "$p"; done > "$OUT/ddp_xl_logs/$tag.spy.txt" 2>&1
+            break
+          fi; sleep 2; done ) &
+    fi
+    wait $pid; local rc=$?
     tr '\r' '\n' < "$W/$tag.raw" | grep -v "^\s*$\|should be kept in float32" | grep -v "^train: .*[0-9]/s" \
       | grep -v "^Encoding latents: *[0-9]\?[0-9]%" > "$OUT/ddp_xl_logs/$tag.txt"
     echo "$tag $rc $((SECONDS - s))" >> "$W/times.txt"
@@ -198,7 +216,7 @@ ddp_xl)
       | grep -v "^\s*warnings.warn" | tail -n 6 | tee -a "$LOG"
     [ "$rc" != 0 ] && tail -n 25 "$OUT/ddp_xl_logs/$tag.txt" | tee -a "$LOG"
     echo "-- $tag rc=$rc wall=$((SECONDS - s))s" | tee -a "$LOG"; }
-  if [[ " $PARTS " == *" cache "* ]]; then
+  if [[ "$PARTS" == *" cache "* ]]; then
     python3 benchmarks/make_random_vae.py --out "$W/vae" --calibrate_dir "$DATA_DIR" 2>&1 | tail -n 1 | tee -a "$LOG"
     # One cheap 1-process, 1-step S/2 run only to build the shared latent cache.
     xrun cache "$T_CACHE" $L1 train_examples/train_maskdit.py $DATA $QUIET --model_config S/2 --train_batch_size $B \
@@ -207,29 +225,38 @@ ddp_xl)
   fi
   M="train_examples/train_maskdit.py $DATA $QUIET --model_config $CFG_M --use_ema --train_batch_size $B \
       --max_train_steps $STEPS --unmasked_finetune_steps 0"
-  if [[ " $PARTS " == *" ddp "* ]]; then
+  if [[ "$PARTS" == *" ddp "* ]]; then
     # Checkpoints only at the end of m1 / m2 (a mid-run save would land in a throughput window); m3 saves at STOP.
     xrun m1 "$T_RUN" $L1 $M --gradient_accumulation_steps 2 --checkpointing_steps 100000 --output_dir "$W/m1"
     rm -rf "$W"/m1/checkpoint-* "$W/m1/transformer"
     xrun m2 "$T_RUN" $L2 $M --checkpointing_steps 100000 --output_dir "$W/m2"
     rm -rf "$W"/m2/checkpoint-* "$W/m2/transformer"
+  fi
+  if [[ "$PARTS" == *" comm "* ]]; then
+    # The same 2-GPU run with gradients all-reduced in bfloat16 (--ddp_comm_hook bf16).
+    xrun m2bf16 "$T_RUN" $L2 $M --ddp_comm_hook bf16 --checkpointing_steps 100000 --output_dir "$W/m2bf16"
+    rm -rf "$W"/m2bf16/checkpoint-* "$W/m2bf16/transformer"
+  fi
+  if [[ "$PARTS" == *" resume "* ]]; then
     xrun m3_stop "$T_RUN" $L2 $M --checkpointing_steps $STOP --stop_after_steps $STOP --output_dir "$W/m3"
     xrun m3_resume "$T_RUN" $L2 $M --checkpointing_steps $STOP --resume_from_checkpoint latest --output_dir "$W/m3"
     ls "$W/m3" | tr '\n' ' ' | tee -a "$LOG"; echo | tee -a "$LOG"
     rm -rf "$W"/m3/checkpoint-* "$W/m3/transformer"
   fi
-  if [[ " $PARTS " == *" short "* ]]; then
+  if [[ "$PARTS" == *" mdt "* ]]; then
     # MDTv2 runs two branches per step (memory-hungry): micro-batch 32. No EMA (smaller final checkpoints).
     xrun mdt "$T_SHORT" $L2 train_examples/train_mdt.py $DATA $QUIET --model_config $CFG_MDT --no-use_ema \
         --train_batch_size $B_MDT --max_train_steps $SHORT --lr_warmup_steps 10 --checkpointing_steps 100000 \
         --output_dir "$W/mdt"
     rm -rf "$W"/mdt/checkpoint-* "$W/mdt/transformer"
+  fi
+  if [[ "$PARTS" == *" deferred "* ]]; then
     xrun deferred "$T_SHORT" $L2 train_examples/train_deferred_maskdit.py $DATA $QUIET --model_config $CFG_DEF \
         --conditioning class --no-use_ema --train_batch_size $B_DEF --max_train_steps $SHORT --lr_warmup_steps 10 \
         --checkpointing_steps 100000 --output_dir "$W/deferred"
     rm -rf "$W"/deferred/checkpoint-* "$W/deferred/transformer"
   fi
-  if [[ " $PARTS " == *" fsdp "* ]]; then
+  if [[ "$PARTS" == *" fsdp "* ]]; then
     # --stop_after_steps keeps the run "unfinished": finish() samples on the main process only, which would hang
     # under FSDP (every rank must join the all-gathers); the sharded checkpoint at the stop is still written.
     FD="train_examples/train_deferred_maskdit.py $DATA $QUIET --model_config $CFG_DEF --conditioning class \
@@ -256,7 +283,7 @@ if os.path.exists(f"{work}/times.txt"):
         tag, rc, wall = line.split()
         times[tag] = {"rc": int(rc), "wall_s": int(wall)}
 out = {"runs_exit_and_wall": times}
-for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
+for tag in ("m1", "m2", "m2bf16", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
     d = f"{work}/{tag}"
     if not os.path.isdir(d):
         continue
@@ -273,12 +300,14 @@ for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
                 "img_per_s_steady": statistics.median(ips) if ips else None}
 g1 = out.get("m1", {}).get("img_per_s_steady"); g2 = out.get("m2", {}).get("img_per_s_steady")
 out["scaling_efficiency"] = g2 / (2 * g1) if g1 and g2 else None
+g2b = out.get("m2bf16", {}).get("img_per_s_steady")
+out["scaling_efficiency_bf16_allreduce"] = g2b / (2 * g1) if g1 and g2b else None
 if "m2" in out and "m3" in out:  # the stopped + resumed run should retrace the uninterrupted 2-GPU curve
     a, b = out["m2"]["loss"], out["m3"]["loss"]
     common = sorted(set(a) & set(b))
     out["m3_vs_m2_max_abs_loss_diff"] = max(abs(a[s] - b[s]) for s in common) if common else None
 json.dump(out, open(path, "w"), indent=1)
-for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
+for tag in ("m1", "m2", "m2bf16", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
     if tag not in out:
         continue
     r, l = out[tag], out[tag]["loss"]
@@ -288,6 +317,7 @@ for tag in ("m1", "m2", "m3", "mdt", "deferred", "fsdp2", "fsdp1"):
           f"params {r['train_results'].get('num_parameters')} loss@ {({k: round(v, 4) for k, v in l.items() if k % every == 0})}")
 print("exit codes / wall s:", times)
 print("scaling efficiency (m2 / (2 x m1)):", out["scaling_efficiency"])
+print("scaling efficiency, bf16 all-reduce (m2bf16 / (2 x m1)):", out["scaling_efficiency_bf16_allreduce"])
 print("resumed vs uninterrupted 2-GPU max |loss diff|:", out.get("m3_vs_m2_max_abs_loss_diff"))
 PY
   du -sh "$W" 2>/dev/null | tee -a "$LOG"

@@ -122,6 +122,18 @@ def test_schedulers(scheduler):
     assert images.shape == (2, 8, 8, 4) and np.isfinite(images).all()
 
 
+def test_scheduler_swapped_from_learned_variance_config():
+    """The diffusers idiom `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` inherits
+    variance_type='learned_range', with which DPM-Solver keeps only 3 output channels (4 here)."""
+    config = MDTv2Pipeline.default_scheduler().config
+    swapped = DPMSolverMultistepScheduler.from_config(config)
+    assert swapped.config.variance_type == "learned_range"
+    got = run(make_pipe(swapped))
+    ref = run(make_pipe(DPMSolverMultistepScheduler.from_config(config, variance_type=None)))
+    assert got.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(got, ref)
+
+
 def test_learned_variance_passed_to_ddpm():
     pipe = make_pipe()
     shapes = []

@@ -102,6 +102,18 @@ def test_bad_flags_fail_early(tmp_path):
         parse_args(MaskDiTRecipe(), ["--validation_scheduler", "NoSuchScheduler"])
 
 
+def test_fsdp_refuses_main_process_sampling():
+    from diffusers_masked.training.trainer import check_fsdp_args
+
+    args = parse_args(MaskDiTRecipe(), ["--no-use_ema", "--validation_steps", "0"])
+    check_fsdp_args(args)  # what an FSDP run can do
+    for flags, needle in ((["--use_ema", "--validation_steps", "0"], "--no-use_ema"),
+                          (["--no-use_ema"], "--validation_steps 0"),
+                          (["--no-use_ema", "--validation_steps", "0", "--eval_every_steps", "5"], "eval_every_steps")):
+        with pytest.raises(ValueError, match=needle):
+            check_fsdp_args(parse_args(MaskDiTRecipe(), flags))
+
+
 @needs_fmnist
 def test_bad_data_fails_early(tmp_path):
     with pytest.raises(ValueError, match="in_channels 3 does not match"):
@@ -112,6 +124,9 @@ def test_bad_data_fails_early(tmp_path):
         main(MaskDiTRecipe(), tiny_args(tmp_path, train_data_dir=str(empty)))
     with pytest.raises(ValueError, match="divisible by patch_size"):
         main(MaskDiTRecipe(), tiny_args(tmp_path, resolution=30))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="ddp_comm_hook bf16 needs CUDA"):
+            main(MaskDiTRecipe(), tiny_args(tmp_path, ddp_comm_hook="bf16"))
 
 
 def test_image_folder_with_class_subfolders_rgb(tmp_path):

@@ -115,6 +115,11 @@ class MaskedTransformerPipelineBase(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         latents = latents.to(device=device, dtype=dtype)
 
+        if not self._passes_variance() and getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCE_TYPES:
+            # A scheduler swapped in from a learned-variance DDPM config (`DPMSolverMultistepScheduler.from_config`)
+            # inherits variance_type, and DPM-Solver then keeps only channels [:3] of the output (sized for RGB
+            # pixels): wrong for 4-channel latents. This loop hands it the noise prediction alone, so drop it.
+            self.scheduler.register_to_config(variance_type=None)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         use_cfg = uncond_kwargs is not None

@@ -117,6 +117,9 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config.")
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--ddp_comm_hook", type=str, default="no", choices=["no", "fp16", "bf16"],
+                   help="Multi-GPU DDP only: all-reduce gradients in this precision (halves the traffic; the sum is "
+                   "rounded) instead of float32.")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
                    help="Keep an EMA of the weights (used for sampling and the saved pipeline); --no-use_ema turns off a default.")
     g.add_argument("--ema_decay", type=float, default=0.9999)
@@ -259,6 +262,30 @@ class _TrainState:
         self.generator.set_state(states[partial.process_index])
 
 
+def check_fsdp_args(args: argparse.Namespace) -> None:
+    """Refuse, before any work, what an FSDP run cannot do in this trainer.
+
+    The sampling that validation grids, evaluation and the final pipeline need runs on the main process only, but
+    FSDP's sharded parameters can only be gathered by every process together: it would hang. The EMA is built from
+    the unsharded parameters, before accelerate shards them. So FSDP runs train and checkpoint (sharded); the final
+    checkpoint is the result (the trainer logs how to merge it)."""
+    problems = []
+    if getattr(args, "use_ema", False):
+        problems.append("--use_ema (pass --no-use_ema)")
+    if getattr(args, "validation_steps", 0):
+        problems.append("validation grids (pass --validation_steps 0)")
+    if getattr(args, "eval_every_steps", 0) or getattr(args, "eval_every_minutes", None):
+        problems.append("in-training evaluation (drop --eval_every_steps / --eval_every_minutes)")
+    if getattr(args, "lora_rank", 0):
+        problems.append("LoRA (--lora_rank)")
+    if getattr(args, "push_to_hub", False):
+        problems.append("--push_to_hub")
+    if problems:
+        raise ValueError("Under FSDP this trainer supports no " + ", no ".join(problems) + ". FSDP pays off only for "
+                         "models whose weights and optimizer states do not fit one GPU; otherwise use DDP "
+                         "(`accelerate launch --multi_gpu`), which supports all of them.")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +295,8 @@ class Trainer:
 
     def __init__(self, recipe: TrainingRecipe, args: argparse.Namespace):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType,
+                                      ProjectConfiguration, set_seed)
 
         self.recipe, self.args = recipe, args
         self.output_dir = Path(args.output_dir)
@@ -278,8 +306,17 @@ class Trainer:
             mixed_precision=args.mixed_precision,
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)),
+            # Gradients as views of DDP's all-reduce buckets: no copy back after each all-reduce and one gradient
+            # buffer less (same values; nothing here calls detach_() on a gradient).
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                gradient_as_bucket_view=True, comm_hook=DDPCommunicationHookType(getattr(args, "ddp_comm_hook", "no")))],
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if getattr(args, "ddp_comm_hook", "no") == "bf16" and self.accelerator.device.type != "cuda":
+            raise ValueError("--ddp_comm_hook bf16 needs CUDA GPUs (NCCL); on this device use fp16 or no.")
+        self.is_fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.is_fsdp:
+            check_fsdp_args(args)
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(args.seed)
@@ -748,9 +785,11 @@ class Trainer:
                     self.last_eval = self.evaluate(step, t_eval - t0 - self.excluded_time)
                     self.excluded_time += time.time() - t_eval
                 if args.max_train_time_minutes is not None and step < stop_at:
-                    # Every process must stop on the same step: stop as soon as any of them is over budget.
+                    # Every process must stop on the same step; the main process's clock decides, as only it
+                    # leaves its sampling time out (the others spend it waiting in the next all-reduce).
                     train_s = time.time() - t0 - self.excluded_time
-                    over = torch.tensor(float(train_s > 60 * args.max_train_time_minutes), device=acc.device)
+                    over_budget = acc.is_main_process and train_s > 60 * args.max_train_time_minutes
+                    over = torch.tensor(float(over_budget), device=acc.device)
                     if acc.reduce(over, reduction="sum").item() > 0:
                         stop_at, self.time_budget_reached = step, True
                         self.save_checkpoint()
@@ -762,7 +801,15 @@ class Trainer:
                   "images_per_s": (self.state.global_step - start_step) * images_per_step / max(elapsed, 1e-9),
                   "finished": self.state.global_step >= args.max_train_steps or self.time_budget_reached,
                   "images_seen": self.state.global_step * images_per_step, "num_parameters": n_params}
-        if result["finished"] and acc.is_main_process:
+        if result["finished"] and self.is_fsdp:
+            if acc.is_main_process:  # the sharded final checkpoint is the result (see check_fsdp_args)
+                (self.output_dir / "train_results.json").write_text(json.dumps(result, indent=2))
+                last = self.list_checkpoints()[-1] if self.list_checkpoints() else None
+                logger.info("FSDP run finished; the sharded weights are in %s. Merge them with `accelerate merge-weights "
+                            "%s/pytorch_model_fsdp_0 MERGED_DIR` (one file of full weights) and load them into the "
+                            "transformer with `load_state_dict`.",
+                            last, last)
+        elif result["finished"] and acc.is_main_process:
             self.finish(result)
         acc.wait_for_everyone()
         acc.end_training()
