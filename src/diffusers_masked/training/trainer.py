@@ -270,15 +270,15 @@ def check_fsdp_args(args: argparse.Namespace) -> None:
     the unsharded parameters, before accelerate shards them. So FSDP runs train and checkpoint (sharded); the final
     checkpoint is the result (the trainer logs how to merge it)."""
     problems = []
-    if getattr(args, "use_ema", False):
+    if args.use_ema:
         problems.append("--use_ema (pass --no-use_ema)")
-    if getattr(args, "validation_steps", 0):
+    if args.validation_steps:
         problems.append("validation grids (pass --validation_steps 0)")
-    if getattr(args, "eval_every_steps", 0) or getattr(args, "eval_every_minutes", None):
+    if args.eval_every_steps or args.eval_every_minutes:
         problems.append("in-training evaluation (drop --eval_every_steps / --eval_every_minutes)")
-    if getattr(args, "lora_rank", 0):
+    if args.lora_rank:
         problems.append("LoRA (--lora_rank)")
-    if getattr(args, "push_to_hub", False):
+    if args.push_to_hub:
         problems.append("--push_to_hub")
     if problems:
         raise ValueError("Under FSDP this trainer supports no " + ", no ".join(problems) + ". FSDP pays off only for "
@@ -309,10 +309,10 @@ class Trainer:
             # Gradients as views of DDP's all-reduce buckets: no copy back after each all-reduce and one gradient
             # buffer less (same values; nothing here calls detach_() on a gradient).
             kwargs_handlers=[DistributedDataParallelKwargs(
-                gradient_as_bucket_view=True, comm_hook=DDPCommunicationHookType(getattr(args, "ddp_comm_hook", "no")))],
+                gradient_as_bucket_view=True, comm_hook=DDPCommunicationHookType(args.ddp_comm_hook))],
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-        if getattr(args, "ddp_comm_hook", "no") == "bf16" and self.accelerator.device.type != "cuda":
+        if args.ddp_comm_hook == "bf16" and self.accelerator.device.type != "cuda":
             raise ValueError("--ddp_comm_hook bf16 needs CUDA GPUs (NCCL); on this device use fp16 or no.")
         self.is_fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         if self.is_fsdp:
@@ -804,7 +804,7 @@ class Trainer:
         if result["finished"] and self.is_fsdp:
             if acc.is_main_process:  # the sharded final checkpoint is the result (see check_fsdp_args)
                 (self.output_dir / "train_results.json").write_text(json.dumps(result, indent=2))
-                last = self.list_checkpoints()[-1] if self.list_checkpoints() else None
+                last = self.list_checkpoints()[-1]  # written at the last step
                 logger.info("FSDP run finished; the sharded weights are in %s. Merge them with `accelerate merge-weights "
                             "%s/pytorch_model_fsdp_0 MERGED_DIR` (one file of full weights) and load them into the "
                             "transformer with `load_state_dict`.",
