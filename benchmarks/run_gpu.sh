@@ -165,6 +165,14 @@ call8)
       2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
+call9)
+  # Issue 6: the b32 profiles (call8) show a host-bound compiled MaskDiT step; try CUDA graphs (reduce-overhead).
+  B="python3 benchmarks/train_throughput.py --no-explain"
+  timeout 540 $B --out "$OUT/r/c_b32_cudagraphs" --modes compile --compile_mode reduce-overhead --sizes XL \
+      --models dit maskdit deferred --compile_batch_sizes 32 --time_budget_s 380 2>&1 \
+      | grep -v "should be kept in float32" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
 mdtfix)
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 --mdt_split_backward --profile mdt:XL:32:eager 2>&1 | grep -v "float32" | tee -a "$LOG"

@@ -243,6 +243,14 @@ def explain_graph_breaks(model: torch.nn.Module, fwd: Callable, inputs: Tuple, a
         torch._dynamo.reset()
 
 
+def compile_kwargs(args) -> Dict[str, Any]:
+    """``torch.compile`` arguments of every compiled run (static shapes; ``--compile_mode`` may add CUDA graphs)."""
+    kw: Dict[str, Any] = {"backend": args.compile_backend, "dynamic": False}
+    if args.compile_mode != "default":
+        kw["mode"] = args.compile_mode
+    return kw
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One (model, size, mode): all batch sizes
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def bench_model(name: str, size: str, mode: str, batch_sizes: List[int], args, d
     runner = model
     if mode == "compile":
         torch._dynamo.reset()
-        runner = torch.compile(model, backend=args.compile_backend, dynamic=False)
+        runner = torch.compile(model, **compile_kwargs(args))
     use_autocast = device.type == "cuda" or args.quick
 
     def autocast():
@@ -450,7 +458,7 @@ def profile_rows(specs: List[str], args, device: torch.device, out_dir: str) -> 
             model = build_model(name, size, args.quick).to(device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
             loss_fn = make_loss_fn(name, args.mdt_mask_ratio, args.mdt_split_backward)
-            runner = torch.compile(model, backend=args.compile_backend, dynamic=False) if mode == "compile" else model
+            runner = torch.compile(model, **compile_kwargs(args)) if mode == "compile" else model
             x0 = torch.randn(b, 4, 8 if args.quick else 32, 8 if args.quick else 32, device=device)
             labels = torch.randint(0, 1000, (b,), device=device)
 
@@ -551,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_batch_sizes", nargs="+", type=int, default=None,
                    help="Batch sizes for compile rows (default: --batch_sizes); each one is a fresh compilation.")
     p.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend.")
+    p.add_argument("--compile_mode", type=str, default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled runs; reduce-overhead replays the step's kernels as CUDA "
+                        "graphs, which removes launch overhead where small batches leave the GPU waiting on the host.")
     p.add_argument("--warmup", type=int, default=3, help="Untimed steps before timing (the first compiles).")
     p.add_argument("--iters", type=int, default=5, help="Steps per timed repeat.")
     p.add_argument("--repeats", type=int, default=3, help="Timed repeats; the table reports the median.")
@@ -616,6 +628,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          f"(MDTv2Recipe branch losses), two forward/backward passes per step; {how}.")
         except ImportError:
             notes.append("MDTv2 recipe not importable: MDTv2 step = full + masked forward with plain MSE.")
+
+    if args.compile_mode != "default" and "compile" in args.modes:
+        notes.append(f"Compiled rows use torch.compile(mode={args.compile_mode!r}).")
 
     rows: List[Dict[str, Any]] = []
     breaks: List[Dict[str, Any]] = []

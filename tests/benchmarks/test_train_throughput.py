@@ -22,7 +22,7 @@ def _run(tmp_path, *extra, timeout=300):
 def test_help_documents_flags():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--quick", "--out", "--models", "--batch_sizes", "--modes", "--inference", "--profile"):
+    for flag in ("--quick", "--out", "--models", "--batch_sizes", "--modes", "--compile_mode", "--inference", "--profile"):
         assert flag in proc.stdout
 
 
@@ -49,3 +49,10 @@ def test_quick_all_models_compile_explain_inference(tmp_path):
     assert all(b["graph_breaks"] == 0 for b in data["graph_breaks"]), data["graph_breaks"]
     assert len([r for r in data["inference"] if r["status"] == "ok"]) == expected
     assert "Graph breaks" in md and "Sampling" in md
+
+
+def test_quick_compile_mode_is_passed_and_noted(tmp_path):
+    data, md = _run(tmp_path, "--models", "dit", "--modes", "compile", "--no-explain", "--compile_mode", "reduce-overhead")
+    assert data["args"]["compile_mode"] == "reduce-overhead"
+    assert [r["status"] for r in data["rows"]] == ["ok"]
+    assert "mode='reduce-overhead'" in md

@@ -129,6 +129,23 @@ def test_bad_data_fails_early(tmp_path):
             main(MaskDiTRecipe(), tiny_args(tmp_path, ddp_comm_hook="bf16"))
 
 
+@needs_fmnist
+def test_torch_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_compile(model, **kwargs):  # record only: inductor on CPU would dominate the suite's time
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    args = tiny_args(tmp_path, torch_compile_mode="reduce-overhead")
+    args[args.index("--max_train_steps") + 1] = "1"
+    assert main(MaskDiTRecipe(), args)["global_step"] == 1
+    assert seen == [{"mode": "reduce-overhead"}]
+    with pytest.raises(SystemExit):
+        parse_args(MaskDiTRecipe(), ["--torch_compile_mode", "fast"])
+
+
 def test_image_folder_with_class_subfolders_rgb(tmp_path):
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):

@@ -92,6 +92,11 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     g.add_argument("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
                    help="Comma-separated module names (peft target_modules).")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
+    g.add_argument("--torch_compile_mode", type=str, default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; any value but default implies --torch_compile. reduce-overhead replays "
+                        "the steps as CUDA graphs: at small per-GPU batches (32) the masked models are otherwise "
+                        "host-bound and gain most from it (benchmarks/README.md).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", type=str, default=f"output/{recipe.name}-fashion-mnist")
@@ -471,8 +476,9 @@ class Trainer:
                                           num_warmup_steps=args.lr_warmup_steps * n,
                                           num_training_steps=args.max_train_steps * n)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, self.optimizer, self.lr_scheduler)
-        if args.torch_compile:
-            self.model = torch.compile(self.model)
+        if args.torch_compile or args.torch_compile_mode != "default":
+            mode = None if args.torch_compile_mode == "default" else args.torch_compile_mode
+            self.model = torch.compile(self.model, mode=mode)
         self.accelerator.register_for_checkpointing(self.state)
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
