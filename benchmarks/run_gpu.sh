@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # GPU runs of issues 4, 6 and 7 on a lent machine (see benchmarks/README.md). Usage: bash benchmarks/run_gpu.sh STAGE
-# Needs .wheels/ (diffusers, datasets, dill, multiprocess, importlib_metadata) and .data/fashion-mnist/ carried along.
+# Needs .wheels/ (diffusers, datasets, dill, multiprocess, importlib_metadata; timm for call10) and .data/fashion-mnist/
+# carried along (call10 also third_party/, see benchmarks/official_models.py).
 set -uo pipefail
 STAGE=${1:-call1}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl >/dev/null 2>&1 || echo "pip install failed"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(ls .wheels/*.whl | grep -v /timm-) \
+    >/dev/null 2>&1 || echo "pip install failed"
+# timm only for the official implementations (benchmarks/official_models.py), kept off the main path.
+ls .wheels/timm-*.whl >/dev/null 2>&1 && { python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/timm_pkg .wheels/timm-*.whl >/dev/null 2>&1 || echo "timm install failed"; }
 export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH
 LOG=$OUT/log.txt
 {
@@ -171,6 +176,31 @@ call9)
   timeout 540 $B --out "$OUT/r/c_b32_cudagraphs" --modes compile --compile_mode reduce-overhead --sizes XL \
       --models dit maskdit deferred --compile_batch_sizes 32 --time_budget_s 380 2>&1 \
       | grep -v "should be kept in float32" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
+call10)
+  # Issue 6: the official implementations in our harness, side by side (third_party/ carried, timm wheel in .wheels;
+  # see benchmarks/official_models.py), and the trainer's --torch_compile_mode on a GPU.
+  B="python3 benchmarks/train_throughput.py --no-explain"
+  F="should be kept in float32"
+  timeout 260 $B --out "$OUT/r/official_maskdit" --models official_maskdit --sizes XL --batch_sizes 128 \
+      --compile_batch_sizes 128 2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 90 $B --out "$OUT/r/official_mdt" --models official_mdt --modes eager --sizes XL --batch_sizes 32 64 \
+      2>&1 | grep -v "$F" | tee -a "$LOG"
+  for m in "--torch_compile" "--torch_compile_mode reduce-overhead"; do
+    echo "== train_maskdit.py 300 steps b32 bf16 $m ==" | tee -a "$LOG"
+    rm -rf /tmp/tc; timeout 100 python3 train_examples/train_maskdit.py --max_train_steps 300 --train_batch_size 32 \
+        --mixed_precision bf16 --validation_steps 0 --checkpointing_steps 1000 --output_dir /tmp/tc \
+        --fashion_mnist_dir "$FM" --report_to none --logging_steps 100 $m 2>&1 | tr '\r' '\n' | grep -v "^$" \
+        | grep -i "error\|warn\|skipping cudagraph\|loss" | tail -n 8 | tee -a "$LOG"
+    cat /tmp/tc/train_results.json 2>/dev/null | tee -a "$LOG"; echo | tee -a "$LOG"
+  done
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
+call11)
+  # Issue 6: compiled B/2 rows of every model (the B/2 table has eager rows only).
+  timeout 570 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/compile_b2" --modes compile --sizes B \
+      --compile_batch_sizes 32 128 256 --time_budget_s 500 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
 mdtfix)

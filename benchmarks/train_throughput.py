@@ -14,6 +14,9 @@ loss, backward, fused AdamW step and ``zero_grad(set_to_none=True)``, under bf16
 - ``deferred`` / ``deferred_moe``: `DeferredMaskDiTTransformer2DModel` (MicroDiT backbone preset, class-conditional
   with 1000 classes so it is comparable with DiT), mask ratio 0.75, `deferred_maskdit_loss`; dense MLPs
   (``num_experts=0``) or the preset's expert-choice MoE.
+- ``official_maskdit`` / ``official_mdt`` (not in the default list): the official implementations' own training
+  steps, from files extracted into the git-ignored ``third_party/`` (``benchmarks/official_models.py`` says how).
+  They run in an invocation of their own (their timm import path may stub torchvision, which breaks diffusers).
 
 Timing: warm-up steps (compilation included) are excluded; then ``--repeats`` x ``--iters`` steps timed with CUDA
 events; the table reports the median step. Peak memory is `torch.cuda.max_memory_allocated` over warm-up and timed
@@ -46,6 +49,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch._dynamo
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from official_models import OFFICIAL_LABELS, OFFICIAL_MODELS  # noqa: E402
+
 ALL_MODELS = ("dit", "maskdit", "mdt", "deferred", "deferred_moe")
 MODEL_LABELS = {
     "dit": "diffusers DiT",
@@ -53,6 +59,7 @@ MODEL_LABELS = {
     "mdt": "MDTv2 (full+masked)",
     "deferred": "DeferredMaskDiT dense @0.75",
     "deferred_moe": "DeferredMaskDiT MoE @0.75",
+    **OFFICIAL_LABELS,
 }
 # diffusers DiT sizes (DiT paper): layers, heads, head dim.
 DIT_SIZES = {"XL": (28, 16, 72), "L": (24, 16, 64), "B": (12, 12, 64), "S": (12, 6, 64)}
@@ -65,6 +72,10 @@ DEFERRED_PRESET_FOR_SIZE = {"XL": "XL", "B": "TINY", "TINY": "TINY", "DEBUG": "D
 # ----------------------------------------------------------------------------------------------------------------
 def _model_exists(name: str) -> Tuple[bool, str]:
     """Whether the model (and its training loss) can be imported; the note says why not."""
+    if name in OFFICIAL_MODELS:
+        import official_models
+
+        return official_models.available(name)
     try:
         if name == "dit":
             from diffusers import DiTTransformer2DModel  # noqa: F401
@@ -83,6 +94,10 @@ def _model_exists(name: str) -> Tuple[bool, str]:
 def build_model(name: str, size: str, tiny: bool) -> torch.nn.Module:
     """Randomly initialised model ``name`` at ``size`` for 32x32x4 latents (8x8x4 in tiny/quick mode)."""
     sample = 8 if tiny else 32
+    if name in OFFICIAL_MODELS:
+        import official_models
+
+        return official_models.build(name, "S" if tiny else size, sample)
     if name == "dit":
         from diffusers import DiTTransformer2DModel
 
@@ -113,11 +128,15 @@ def build_model(name: str, size: str, tiny: bool) -> torch.nn.Module:
         if name == "deferred":
             overrides["num_experts"] = 0
         return DeferredMaskDiTTransformer2DModel.from_preset(f"{preset}/2", **overrides)
-    raise ValueError(f"Unknown model {name!r}; choose from {ALL_MODELS}.")
+    raise ValueError(f"Unknown model {name!r}; choose from {ALL_MODELS + OFFICIAL_MODELS}.")
 
 
 def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss_fn(model, x0, labels) -> scalar loss`` of one training step, the loss each model trains with."""
+    if name in OFFICIAL_MODELS:
+        import official_models
+
+        return official_models.loss_fn(name)
     if name == "dit":
         from diffusers_masked.training.objectives import DDPMObjective
 
@@ -549,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=str, default="benchmark_results",
                    help="Folder for results.md / results.json (and profile.txt with --profile).")
-    p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS,
+    p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS + OFFICIAL_MODELS,
                    help="Models to time; those not importable yet are skipped with a note.")
     p.add_argument("--sizes", nargs="+", default=["XL", "B"],
                    help="Model sizes (patch 2). DeferredMaskDiT has XL and TINY presets; its 'B' row uses TINY.")
@@ -612,6 +631,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     env = environment(device, args.peak_tflops)
     print(f"device {env['device']}, torch {env['torch']}, diffusers {env['diffusers']}", flush=True)
 
+    official = [m for m in args.models if m in OFFICIAL_MODELS]
+    if official and len(official) != len(args.models):
+        raise SystemExit(f"Run {official} in an invocation of their own (their timm import path may stub torchvision, "
+                         "which breaks diffusers' imports of the other models).")
+    if official and (args.inference or args.profile):
+        raise SystemExit("--inference / --profile cover our pipelines and models only; drop them for official_*.")
     notes, available = [], []
     for name in args.models:
         ok, note = _model_exists(name)
@@ -647,7 +672,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             fh.write(markdown(rows, breaks, infer, env, notes))
 
     if args.explain:
-        for name in available:
+        for name in [m for m in available if m not in OFFICIAL_MODELS]:
             for size in args.sizes[:1]:
                 if time.time() > deadline:
                     break
@@ -675,6 +700,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     bss = args.batch_sizes
                     if mode == "compile" and args.compile_batch_sizes:
                         bss = args.compile_batch_sizes
+                    if mode == "compile" and name == "official_mdt":
+                        rows += [dict(model=name, label=MODEL_LABELS[name], size=size, mode=mode, batch_size=b,
+                                      status="skipped (eager only: its mask ratio changes the shapes every step)")
+                                 for b in bss]
+                        continue
                     try:
                         rows += bench_model(name, size, mode, bss, args, device, deadline, flops_cache)
                     except torch.OutOfMemoryError:

@@ -56,3 +56,9 @@ def test_quick_compile_mode_is_passed_and_noted(tmp_path):
     assert data["args"]["compile_mode"] == "reduce-overhead"
     assert [r["status"] for r in data["rows"]] == ["ok"]
     assert "mode='reduce-overhead'" in md
+
+
+def test_official_models_need_an_invocation_of_their_own(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--models", "dit",
+                           "official_maskdit"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "invocation of their own" in proc.stderr
