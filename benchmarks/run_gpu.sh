@@ -203,6 +203,16 @@ call11)
       --compile_batch_sizes 32 128 256 --time_budget_s 500 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
+call12)
+  # Issue 6: CUDA graphs where call9 did not go: MDTv2 and DeferredMaskDiT MoE at b32, MaskDiT at b128.
+  B="python3 benchmarks/train_throughput.py --no-explain --modes compile --compile_mode reduce-overhead --sizes XL"
+  F="should be kept in float32"
+  timeout 400 $B --out "$OUT/r/cg_b32" --models mdt deferred_moe --compile_batch_sizes 32 --time_budget_s 250 \
+      2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 170 $B --out "$OUT/r/cg_maskdit_b128" --models maskdit --compile_batch_sizes 128 2>&1 | grep -v "$F" \
+      | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
 mdtfix)
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 --mdt_split_backward --profile mdt:XL:32:eager 2>&1 | grep -v "float32" | tee -a "$LOG"
