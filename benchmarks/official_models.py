@@ -23,7 +23,7 @@ AdamW:
 
 timm's package imports torchvision, which the layers used here never touch; where torchvision is missing it is
 stubbed out (``scripts/fixtures/_official_env.py``). That stub breaks diffusers' lazy imports, so the harness runs
-these models in a child process of their own.
+these models in an invocation of their own.
 """
 
 from __future__ import annotations
@@ -41,16 +41,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _setup(name: str) -> None:
-    sys.path.insert(0, os.path.join(HERE, "..", "scripts", "fixtures"))
+    fixtures = os.path.join(HERE, "..", "scripts", "fixtures")
+    if fixtures not in sys.path:
+        sys.path.insert(0, fixtures)
     import _official_env as env
 
-    try:
-        import torchvision  # noqa: F401  (a real torchvision: no stub needed)
-
-        if env.TIMM_TARGET not in sys.path:
-            sys.path.insert(0, env.TIMM_TARGET)
-    except ImportError:
-        env.enable_timm()
+    env.enable_timm()
     env.add_third_party("maskdit" if name == "official_maskdit" else "mdt")
 
 

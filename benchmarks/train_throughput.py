@@ -50,6 +50,7 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_models  # noqa: E402
 from official_models import OFFICIAL_LABELS, OFFICIAL_MODELS  # noqa: E402
 
 ALL_MODELS = ("dit", "maskdit", "mdt", "deferred", "deferred_moe")
@@ -73,8 +74,6 @@ DEFERRED_PRESET_FOR_SIZE = {"XL": "XL", "B": "TINY", "TINY": "TINY", "DEBUG": "D
 def _model_exists(name: str) -> Tuple[bool, str]:
     """Whether the model (and its training loss) can be imported; the note says why not."""
     if name in OFFICIAL_MODELS:
-        import official_models
-
         return official_models.available(name)
     try:
         if name == "dit":
@@ -95,8 +94,6 @@ def build_model(name: str, size: str, tiny: bool) -> torch.nn.Module:
     """Randomly initialised model ``name`` at ``size`` for 32x32x4 latents (8x8x4 in tiny/quick mode)."""
     sample = 8 if tiny else 32
     if name in OFFICIAL_MODELS:
-        import official_models
-
         return official_models.build(name, "S" if tiny else size, sample)
     if name == "dit":
         from diffusers import DiTTransformer2DModel
@@ -134,8 +131,6 @@ def build_model(name: str, size: str, tiny: bool) -> torch.nn.Module:
 def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss_fn(model, x0, labels) -> scalar loss`` of one training step, the loss each model trains with."""
     if name in OFFICIAL_MODELS:
-        import official_models
-
         return official_models.loss_fn(name)
     if name == "dit":
         from diffusers_masked.training.objectives import DDPMObjective
