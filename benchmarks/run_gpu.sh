@@ -213,6 +213,53 @@ call12)
       | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
+call13)
+  # Issue 6: what call11's time budget skipped (B/2 compiled, b128), then the trainer's CUDA-graph mode on a GPU with
+  # its whole log kept (call10's 100 s timeout cut both trainer runs before they wrote anything).
+  timeout 330 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/compile_b2_b128" --modes compile --sizes B \
+      --models mdt deferred deferred_moe --compile_batch_sizes 128 --time_budget_s 300 2>&1 \
+      | grep -v "should be kept in float32" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r
+  rm -rf /tmp/tc; timeout 190 python3 train_examples/train_maskdit.py --max_train_steps 200 --train_batch_size 32 \
+      --mixed_precision bf16 --validation_steps 0 --checkpointing_steps 1000 --output_dir /tmp/tc \
+      --fashion_mnist_dir "$FM" --report_to none --logging_steps 50 --torch_compile_mode reduce-overhead 2>&1 \
+      | tr '\r' '\n' | grep -v "^$" > "$OUT/trainer_reduce_overhead.log"
+  echo "trainer rc=$?" | tee -a "$LOG"; tail -n 15 "$OUT/trainer_reduce_overhead.log" | tee -a "$LOG"
+  cat /tmp/tc/train_results.json 2>/dev/null | tee -a "$LOG"; cp /tmp/tc/sample_grid.png "$OUT"/ 2>/dev/null
+  ;;
+call14)
+  # Issue 6: the compiled B/2 rows calls 11 and 13 did not reach (each batch size compiles afresh, 55-105 s at B/2).
+  timeout 570 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/compile_b2_rest" --modes compile \
+      --sizes B --models deferred deferred_moe mdt --compile_batch_sizes 32 256 --time_budget_s 420 2>&1 \
+      | grep -v "should be kept in float32" | tee -a "$LOG"
+  timeout 100 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/compile_b2_moe128" --modes compile \
+      --sizes B --models deferred_moe --compile_batch_sizes 128 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
+call15)
+  # Issue 6: MaskDiT-B/2 compiled b32 (505.9 img/s, call11) ran slower than its eager b32 of an earlier session
+  # (615.7): eager, default compile and CUDA graphs of MaskDiT-B/2 and DiT-B/2 at b32 in one call, then profiles.
+  B="python3 benchmarks/train_throughput.py --no-explain --sizes B --models dit maskdit --batch_sizes 32 --compile_batch_sizes 32"
+  F="should be kept in float32"
+  timeout 200 $B --out "$OUT/r/b2_b32" 2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 170 $B --out "$OUT/r/b2_b32_cg" --modes compile --compile_mode reduce-overhead 2>&1 | grep -v "$F" | tee -a "$LOG"
+  timeout 180 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/b2_profile" --skip_training \
+      --profile maskdit:B:32:compile dit:B:32:compile maskdit:B:32:eager 2>&1 | grep -v "$F" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
+  ;;
+call16)
+  # Issue 6: the trainer's compile modes on a GPU after the graph-break and sampling fixes (call13: first step 101 s,
+  # the final grid compiled the model again), full logs kept; --unmasked_finetune_steps 0 keeps one shape.
+  for m in "--torch_compile" "--torch_compile_mode reduce-overhead" ""; do
+    n=$(echo "${m:-eager}" | tr -d ' -' ); rm -rf /tmp/tc
+    timeout 170 python3 train_examples/train_maskdit.py --max_train_steps 400 --train_batch_size 32 \
+        --mixed_precision bf16 --validation_steps 0 --checkpointing_steps 1000 --output_dir /tmp/tc \
+        --fashion_mnist_dir "$FM" --report_to none --logging_steps 50 --unmasked_finetune_steps 0 $m 2>&1 \
+        | tr '\r' '\n' | grep -v "^$" > "$OUT/trainer_$n.log"
+    echo "== trainer $n rc=$? ==" | tee -a "$LOG"; grep -o "img_s=[0-9.]*, loss=[0-9.]*" "$OUT/trainer_$n.log" | uniq \
+        | tee -a "$LOG"; cat /tmp/tc/train_results.json 2>/dev/null | tee -a "$LOG"
+  done
+  ;;
 mdtfix)
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 --mdt_split_backward --profile mdt:XL:32:eager 2>&1 | grep -v "float32" | tee -a "$LOG"

@@ -185,16 +185,27 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
     raise ValueError(f"Unknown model {name!r}.")
 
 
-def forward_for_explain(name: str, mdt_mask_ratio: float) -> Callable:
-    """The training forward pass of each model (what `torch.compile` sees), for graph-break checks."""
-    ratio = {"dit": 0.0, "maskdit": 0.5, "mdt": mdt_mask_ratio, "deferred": 0.75, "deferred_moe": 0.75}[name]
+TRAIN_MASK_RATIO = {"dit": 0.0, "maskdit": 0.5, "deferred": 0.75, "deferred_moe": 0.75}
 
-    def fwd(model, x, t, labels):
+
+def forward_for_explain(name: str) -> Callable:
+    """The training forward pass of each model (what `torch.compile` sees), for graph-break checks."""
+
+    def fwd(model, x, t, labels, ids_keep=None):
         if name == "dit":
             return model(x, timestep=t, class_labels=labels).sample
-        return model(x, t, class_labels=labels, mask_ratio=ratio).sample
+        return model(x, t, class_labels=labels, ids_keep=ids_keep).sample
 
     return fwd
+
+
+def ids_keep_for_explain(name: str, model: torch.nn.Module, batch_size: int, mdt_mask_ratio: float,
+                         device: torch.device) -> Optional[torch.Tensor]:
+    """The mask as the trainer's losses draw it: outside the compiled forward, from the run's seeded generator."""
+    from diffusers_masked.training.recipe import draw_ids_keep
+
+    ratio = mdt_mask_ratio if name == "mdt" else TRAIN_MASK_RATIO[name]
+    return draw_ids_keep(model, batch_size, ratio, device, torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,8 +689,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                           torch.randint(0, 1000, (2,), device=device))
                 if name in ("dit", "mdt"):
                     inputs = (inputs[0], torch.randint(0, 1000, (2,), device=device), inputs[2])
+                inputs = inputs + (ids_keep_for_explain(name, model, 2, args.mdt_mask_ratio, device),)
                 res = explain_graph_breaks(
-                    model, forward_for_explain(name, args.mdt_mask_ratio), inputs,
+                    model, forward_for_explain(name), inputs,
                     lambda: torch.autocast(device.type, dtype=torch.bfloat16))
                 breaks.append(dict(model=name, size=size, **res))
                 print(f"  explain {name} {size}: {res['graphs']} graphs, {res['graph_breaks']} breaks "

@@ -33,6 +33,7 @@ class FixedOutput(torch.nn.Module):
         super().__init__()
         self.sample, self.mask = sample, mask
         self.config = SimpleNamespace(patch_size=2)
+        self.num_tokens = mask.shape[1] if mask is not None else 16
 
     def forward(self, x, t, **kwargs):
         return MaskedTransformer2DModelOutput(sample=self.sample, mask=self.mask)

@@ -50,8 +50,14 @@ class Spy(torch.nn.Module):
     def side_interpolater(self):
         return self.inner.side_interpolater
 
+    @property
+    def num_tokens(self):
+        return self.inner.num_tokens
+
     def forward(self, x, t, **kwargs):
-        self.calls.append(dict(x=x.clone(), t=t.clone(), mask_ratio=kwargs.get("mask_ratio")))
+        ids_keep = kwargs.get("ids_keep")
+        kept = None if ids_keep is None else ids_keep.shape[1]
+        self.calls.append(dict(x=x.clone(), t=t.clone(), kept=kept, generator="generator" in kwargs))
         return self.inner(x, t, **kwargs)
 
 
@@ -65,7 +71,10 @@ def test_loss_has_both_branches_with_shared_t_and_independent_noise():
     cond = {"class_labels": torch.tensor([0, 1, 2, 3])}
     gen = torch.Generator().manual_seed(0)
     loss, logs = recipe.compute_loss(model, objective, x0, cond, 0.4, a, gen)
-    assert [c["mask_ratio"] for c in model.calls] == [0.0, 0.4]
+    # The masked branch gets its mask as ids_keep (16 tokens, 0.4 masked -> 10 kept); no generator reaches the
+    # model, so a compiled forward stays one graph.
+    assert [c["kept"] for c in model.calls] == [None, 10]
+    assert not any(c["generator"] for c in model.calls)
     full, masked = model.calls
     assert torch.equal(full["t"], masked["t"])
     assert not torch.allclose(full["x"], masked["x"])
@@ -78,7 +87,7 @@ def test_loss_has_both_branches_with_shared_t_and_independent_noise():
 
     model.calls.clear()
     loss0, logs0 = recipe.compute_loss(model, objective, x0, cond, 0.0, a, torch.Generator().manual_seed(0))
-    assert [c["mask_ratio"] for c in model.calls] == [0.0]
+    assert [c["kept"] for c in model.calls] == [None]
     assert "m_loss" not in logs0
     torch.testing.assert_close(loss0, logs0["loss_full"])
 

@@ -146,6 +146,25 @@ def test_torch_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
         parse_args(MaskDiTRecipe(), ["--torch_compile_mode", "fast"])
 
 
+@needs_fmnist
+def test_compiled_run_trains_in_one_graph_and_samples_eagerly(tmp_path, monkeypatch):
+    """A real dynamo trace (eager backend: no inductor on CPU): the training forward is one graph, and the
+    validation and final sample grids run the eager module instead of compiling the model again for inference."""
+    real_compile, grad_modes = torch.compile, []
+
+    def eager_compile(model, **kwargs):
+        compiled = real_compile(model, backend="eager", fullgraph=True)  # a graph break raises
+        compiled.register_forward_pre_hook(lambda mod, inputs: grad_modes.append(torch.is_grad_enabled()))
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    result = main(MaskDiTRecipe(), tiny_args(tmp_path, torch_compile=True, validation_steps=2))
+    torch._dynamo.reset()
+    assert result["finished"] and (tmp_path / "run" / "samples" / "step_0000002.png").exists()
+    assert grad_modes == [True] * 4  # the 4 training steps only
+
+
 def test_image_folder_with_class_subfolders_rgb(tmp_path):
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):

@@ -14,7 +14,24 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..models.masking import random_token_mask
 from .objectives import Objective, build_objective
+
+
+def draw_ids_keep(
+    model: torch.nn.Module, batch_size: int, mask_ratio: float, device: torch.device,
+    generator: Optional[torch.Generator],
+) -> Optional[torch.Tensor]:
+    """Kept-token ids (B, K) of a fresh random mask for ``model``, or None when ``mask_ratio`` is 0.
+
+    The losses draw the mask here and hand the model ``ids_keep`` instead of the generator: a ``torch.Generator``
+    argument cannot be traced by dynamo, so the model drawing its own mask put a graph break in every compiled
+    training forward. The draw consumes the generator exactly as the model's own draw did, so runs are unchanged.
+    """
+    if mask_ratio == 0:
+        return None
+    inner = getattr(model, "module", model)  # DDP; a compiled module forwards attribute reads
+    return random_token_mask(batch_size, inner.num_tokens, mask_ratio, device=device, generator=generator).ids_keep
 
 
 class TrainingRecipe:

@@ -20,7 +20,7 @@ import torch
 from ..models.transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel
 from ..pipelines.pipeline_deferred_maskdit import DeferredMaskDiTPipeline, encode_texts
 from .objectives import Objective, build_objective, masked_mean, per_token
-from .recipe import TrainingRecipe
+from .recipe import TrainingRecipe, draw_ids_keep
 
 #: MicroDiT's EDM constants (256 px phase).
 MICRODIT_SIGMA_DATA = 0.9
@@ -46,7 +46,8 @@ def deferred_maskdit_loss(
     """One step's loss: the objective's weighted error, per patch, averaged over the kept tokens of each sample."""
     inner = getattr(model, "module", model)
     noisy = objective.add_noise(x0, generator)
-    out = model(noisy.model_input, noisy.timestep, mask_ratio=mask_ratio, generator=generator, **cond)
+    ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
+    out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, **cond)
     per_element = objective.per_element_loss(out.sample[:, : x0.shape[1]], noisy, x0)
     if out.mask is None:
         loss = per_element.flatten(1).mean(dim=1)

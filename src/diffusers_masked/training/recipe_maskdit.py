@@ -11,7 +11,7 @@ from ..models.layers import patchify
 from ..models.transformer_maskdit import MaskDiTTransformer2DModel
 from ..pipelines.pipeline_maskdit import MaskDiTPipeline
 from .objectives import Objective, masked_mean, per_token
-from .recipe import TrainingRecipe
+from .recipe import TrainingRecipe, draw_ids_keep
 
 
 def mae_loss(denoised: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -40,7 +40,8 @@ def maskdit_loss(
     patch_size = inner.config.patch_size
     channels = x0.shape[1]
     noisy = objective.add_noise(x0, generator)
-    out = model(noisy.model_input, noisy.timestep, mask_ratio=mask_ratio, generator=generator, **cond)
+    ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
+    out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, **cond)
     prediction = out.sample[:, :channels]
     per_element = objective.per_element_loss(prediction, noisy, x0)
     if out.mask is None:

@@ -20,7 +20,7 @@ import torch
 from ..models.transformer_mdt import MDTv2Transformer2DModel
 from ..pipelines.pipeline_mdt import MDTv2Pipeline
 from .objectives import DDPMObjective, NoisyBatch, Objective
-from .recipe import TrainingRecipe
+from .recipe import TrainingRecipe, draw_ids_keep
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ class MDTv2Recipe(TrainingRecipe):
         generator: Optional[torch.Generator],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens."""
-        out = model(batch.model_input, batch.timestep, mask_ratio=mask_ratio, generator=generator, **cond).sample
+        ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
+        out = model(batch.model_input, batch.timestep, ids_keep=ids_keep, **cond).sample
         c = x0.shape[1]
         eps, var_values = out[:, :c], out[:, c:]
         mse = objective.per_element_loss(eps, batch, x0).flatten(1).mean(1)

@@ -518,8 +518,14 @@ class Trainer:
                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
     @property
-    def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The bare transformer (no DDP / torch.compile wrapper): what EMA, sampling and saving use.
+
+        Sampling goes through the eager module on purpose: the compiled one would compile again for no-grad inference
+        (with ``reduce-overhead``, also record new CUDA graphs), which costs more than a sample grid takes."""
+        # Strip torch.compile first: accelerate's unwrap_model keeps a compile wrapper and re-points its _orig_mod
+        # past DDP, changing the wrapper the training step still uses.
+        return self.accelerator.unwrap_model(getattr(self.model, "_orig_mod", self.model))
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def list_checkpoints(self) -> List[Path]:
