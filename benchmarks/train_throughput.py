@@ -62,6 +62,8 @@ MODEL_LABELS = {
     "deferred_moe": "DeferredMaskDiT MoE @0.75",
     **OFFICIAL_LABELS,
 }
+# Mask ratio each model trains with (MDTv2: --mdt_mask_ratio).
+TRAIN_MASK_RATIO = {"dit": 0.0, "maskdit": 0.5, "deferred": 0.75, "deferred_moe": 0.75}
 # diffusers DiT sizes (DiT paper): layers, heads, head dim.
 DIT_SIZES = {"XL": (28, 16, 72), "L": (24, 16, 64), "B": (12, 12, 64), "S": (12, 6, 64)}
 # The DeferredMaskDiT presets have no B size; "B" maps to MicroDiT's Tiny backbone (16 x 512) as the small variant.
@@ -148,7 +150,8 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
         from diffusers_masked.training.recipe_maskdit import maskdit_loss
 
         objective = EDMObjective()
-        return lambda model, x0, labels: maskdit_loss(model, objective, x0, {"class_labels": labels}, 0.5, 0.1)[0]
+        ratio = TRAIN_MASK_RATIO[name]
+        return lambda model, x0, labels: maskdit_loss(model, objective, x0, {"class_labels": labels}, ratio, 0.1)[0]
     if name == "mdt":
         try:
             from diffusers_masked.training.objectives import DDPMObjective
@@ -181,11 +184,9 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
         from diffusers_masked.training.recipe_deferred_maskdit import deferred_maskdit_loss
 
         objective = EDMObjective(sigma_data=0.9, p_mean=-0.6, p_std=1.2)
-        return lambda model, x0, labels: deferred_maskdit_loss(model, objective, x0, {"class_labels": labels}, 0.75)[0]
+        ratio = TRAIN_MASK_RATIO[name]
+        return lambda model, x0, labels: deferred_maskdit_loss(model, objective, x0, {"class_labels": labels}, ratio)[0]
     raise ValueError(f"Unknown model {name!r}.")
-
-
-TRAIN_MASK_RATIO = {"dit": 0.0, "maskdit": 0.5, "deferred": 0.75, "deferred_moe": 0.75}
 
 
 def forward_for_explain(name: str) -> Callable:

@@ -1,4 +1,12 @@
-from .masking import TokenMask, gather_tokens, num_kept_tokens, random_token_mask, restore_tokens, scatter_tokens
+from .masking import (
+    TokenMask,
+    gather_tokens,
+    num_kept_tokens,
+    random_ids_keep,
+    random_token_mask,
+    restore_tokens,
+    scatter_tokens,
+)
 from .modeling_common import MaskedTransformer2DModelOutput
 from .transformer_maskdit import MaskDiTTransformer2DModel
 from .transformer_mdt import MDTv2Transformer2DModel
@@ -15,6 +23,7 @@ __all__ = [
     "TokenMask",
     "gather_tokens",
     "num_kept_tokens",
+    "random_ids_keep",
     "random_token_mask",
     "restore_tokens",
     "scatter_tokens",

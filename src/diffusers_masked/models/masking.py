@@ -49,6 +49,28 @@ def num_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
     return max(1, int(round(num_tokens * (1.0 - float(mask_ratio)))))
 
 
+def _random_shuffle(
+    batch_size: int, num_tokens: int, device: torch.device | str | None, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Per-sample random permutation of the token ids (B, N); the noise is drawn on the generator's device."""
+    noise_device = generator.device if generator is not None else device
+    noise = torch.rand(batch_size, num_tokens, generator=generator, device=noise_device)
+    return torch.argsort(noise.to(device), dim=1)
+
+
+def random_ids_keep(
+    batch_size: int,
+    num_tokens: int,
+    mask_ratio: float,
+    device: torch.device | str | None = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The kept token ids (B, K) of `random_token_mask` with the same arguments and generator state, without
+    building the restore ids and boolean mask (a model given ``ids_keep`` builds those itself)."""
+    keep = num_kept_tokens(num_tokens, mask_ratio)
+    return _random_shuffle(batch_size, num_tokens, device, generator)[:, :keep]
+
+
 def random_token_mask(
     batch_size: int,
     num_tokens: int,
@@ -67,10 +89,7 @@ def random_token_mask(
             generator's device and moved to ``device``.
     """
     keep = num_kept_tokens(num_tokens, mask_ratio)
-    noise_device = generator.device if generator is not None else device
-    noise = torch.rand(batch_size, num_tokens, generator=generator, device=noise_device)
-    noise = noise.to(device)
-    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_shuffle = _random_shuffle(batch_size, num_tokens, device, generator)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
     mask = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..models.masking import random_token_mask
+from ..models.masking import random_ids_keep
 from .objectives import Objective, build_objective
 
 
@@ -31,7 +31,7 @@ def draw_ids_keep(
     if mask_ratio == 0:
         return None
     inner = getattr(model, "module", model)  # DDP; a compiled module forwards attribute reads
-    return random_token_mask(batch_size, inner.num_tokens, mask_ratio, device=device, generator=generator).ids_keep
+    return random_ids_keep(batch_size, inner.num_tokens, mask_ratio, device=device, generator=generator)
 
 
 class TrainingRecipe:
