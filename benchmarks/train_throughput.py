@@ -499,13 +499,20 @@ def profile_rows(specs: List[str], args, device: torch.device, out_dir: str) -> 
                 for _ in range(3):
                     step()
                 _sync(device)
+                # Unprofiled wall time per step, to set against the kernels' device time in the table's footer
+                # (a step much longer than its kernels is launch-bound).
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    step()
+                _sync(device)
+                wall_ms = (time.perf_counter() - t0) / 10 * 1e3
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
                 with profile(activities=acts) as prof:
                     for _ in range(3):
                         step()
                     _sync(device)
                 sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-                fh.write(f"==== {spec} (3 steps) ====\n")
+                fh.write(f"==== {spec} (3 steps; unprofiled wall {wall_ms:.2f} ms/step) ====\n")
                 fh.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
                 fh.write("\n\n")
                 print(f"  profiled {spec}", flush=True)

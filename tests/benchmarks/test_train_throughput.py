@@ -62,3 +62,12 @@ def test_official_models_need_an_invocation_of_their_own(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--models", "dit",
                            "official_maskdit"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "invocation of their own" in proc.stderr
+
+
+def test_quick_profile_writes_table_with_unprofiled_step_time(tmp_path):
+    _run(tmp_path, "--skip_training", "--no-explain", "--profile", "maskdit:XL:2:eager")
+    text = (tmp_path / "res" / "profile.txt").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("==== maskdit:XL:2:eager"))
+    wall_ms = float(header.split("unprofiled wall ")[1].split(" ms/step")[0])
+    assert wall_ms > 0
+    assert "Self CPU time total" in text
