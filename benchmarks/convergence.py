@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Equal wall-clock convergence study on Fashion-MNIST: diffusers' DiT (unmasked baseline) vs MaskDiT vs MDTv2 vs
-DeferredMaskDiT, all trained by the same trainer on the same data for the same training time.
+"""Equal wall-clock convergence study on Fashion-MNIST: DiT (our `RoutedDiTTransformer2DModel` without routing, the
+unmasked baseline) vs TREAD-DiT (the same with token routing) vs MaskDiT vs MDTv2 vs DeferredMaskDiT, all trained by
+the same trainer on the same data for the same training time.
 
 Each model trains for ``--minutes`` of training time (sampling / scoring time excluded) and is scored every
 ``--eval_every_minutes`` with FD-FMNIST (Fréchet distance in the features of the embedded Fashion-MNIST classifier)
@@ -21,64 +22,16 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-from diffusers import DiTTransformer2DModel
-from diffusers.configuration_utils import register_to_config
-
-from diffusers_masked.pipelines import MaskDiTPipeline
 from diffusers_masked.training import main as train_main
-from diffusers_masked.training.recipe import TrainingRecipe
 from diffusers_masked.training.recipe_deferred_maskdit import DeferredMaskDiTRecipe
+from diffusers_masked.training.recipe_dit import RoutedDiTRecipe
 from diffusers_masked.training.recipe_maskdit import MaskDiTRecipe
 from diffusers_masked.training.recipe_mdt import MDTv2Recipe
 
-DIT_SIZES = {
-    "T": dict(num_layers=1, num_attention_heads=2, attention_head_dim=16),  # --quick only
-    "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
-    "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
-    "L": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),
-    "XL": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),
-}
-
-
-class DiTBaselineTransformer(DiTTransformer2DModel):
-    """diffusers' `DiTTransformer2DModel` with the config keys our pipelines read (`num_classes`); no learned sigma.
-
-    Its label embedder drops labels itself in training mode (p = 0.1), so the recipe does not drop them again."""
-
-    @register_to_config
-    def __init__(self, num_classes: int = 10, sample_size: int = 28, patch_size: int = 2, in_channels: int = 1,
-                 num_layers: int = 12, num_attention_heads: int = 12, attention_head_dim: int = 64):
-        super().__init__(num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-                         in_channels=in_channels, out_channels=in_channels, num_layers=num_layers,
-                         sample_size=sample_size, patch_size=patch_size, num_embeds_ada_norm=num_classes)
-
-
-class DiTBaselineRecipe(TrainingRecipe):
-    """Unmasked baseline: diffusers' DiT with the same EDM objective as MaskDiT."""
-
-    name = "dit"
-    model_cls = DiTBaselineTransformer
-    pipeline_cls = MaskDiTPipeline
-    default_objective = "edm"
-    default_mask_ratio = 0.0
-
-    def build_model(self, args, sample_size, in_channels, num_classes):
-        size, _, patch = (args.model_config or "B/2").partition("/")
-        return DiTBaselineTransformer(num_classes=num_classes, sample_size=sample_size, in_channels=in_channels,
-                                      patch_size=int(patch or 2), **DIT_SIZES[size.upper()])
-
-    def conditioning_kwargs(self, batch, model, args, generator):
-        return {"class_labels": batch["class_labels"]}
-
-    def compute_loss(self, model, objective, x0, cond, mask_ratio, args, generator):
-        noisy = objective.add_noise(x0, generator)
-        out = model(noisy.model_input, noisy.timestep, class_labels=cond["class_labels"]).sample
-        loss = objective.per_element_loss(out, noisy, x0).mean()
-        return loss, {}
-
-
 MODELS = {
-    "dit": (DiTBaselineRecipe, []),
+    # The unmasked baseline: our DiT (models/transformer_dit.py) without routing; TREAD-DiT = the same with routing.
+    "dit": (RoutedDiTRecipe, ["--route_ratio", "0"]),
+    "tread_dit": (RoutedDiTRecipe, []),
     "maskdit": (MaskDiTRecipe, []),
     "mdtv2": (MDTv2Recipe, []),
     "deferred_maskdit": (DeferredMaskDiTRecipe, ["--conditioning", "class"]),
@@ -118,7 +71,8 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> Dict[str, Any]
     if args.quick:
         cfg = work / f"{name}_tiny.json"
         cfg.parent.mkdir(parents=True, exist_ok=True)
-        tiny = {"dit": None, "maskdit": dict(patch_size=4, hidden_size=32, num_layers=1, num_attention_heads=2,
+        tiny_dit = dict(patch_size=4, hidden_size=32, num_layers=4, num_attention_heads=2)
+        tiny = {"dit": tiny_dit, "tread_dit": tiny_dit, "maskdit": dict(patch_size=4, hidden_size=32, num_layers=1, num_attention_heads=2,
                                               decoder_hidden_size=16, num_decoder_layers=1, decoder_num_attention_heads=2),
                 "mdtv2": dict(patch_size=4, hidden_size=32, num_layers=3, num_decoder_layers=1, num_attention_heads=2),
                 "deferred_maskdit": None}[name]
@@ -126,7 +80,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> Dict[str, Any]
             cfg.write_text(json.dumps(tiny))
             argv += ["--model_config", str(cfg)]
         else:
-            argv += ["--model_config", "T/4" if name == "dit" else "Debug/4"]
+            argv += ["--model_config", "Debug/4"]
         argv += ["--max_train_samples", "256", "--eval_batch_size", "16"]
     elif name == "deferred_maskdit":
         # MicroDiT ships XL and Tiny sizes only; Tiny/2 (512 wide, 16 blocks, MoE) stands in for S and B.

@@ -435,5 +435,15 @@ print("resumed vs uninterrupted 2-GPU max |loss diff|:", out.get("m3_vs_m2_max_a
 PY
   du -sh "$W" 2>/dev/null | tee -a "$LOG"
   ;;
+tread)
+  # Issue 21: TREAD-DiT (route 0.5 over blocks 2..L-4), our DiT (no routing) and diffusers DiT at b128 and b256,
+  # compiled (one graph per model with a dynamic batch dimension: one compilation serves both batch sizes). Run as
+  # two calls on one warm H200 (results_h200/tread_*): call 1 = XL (budget 470 s), call 2 = B (budget 170 s, which
+  # skipped TREAD-DiT-B b256). SIZES / BUDGET override: SIZES=B BUDGET=170 bash benchmarks/run_gpu.sh tread
+  echo "== compiled ${SIZES:-XL B}/2: diffusers DiT, DiT (ours), TREAD-DiT; b128 b256 ==" | tee -a "$LOG"
+  timeout 560 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/tread" --modes compile --dynamic_batch \
+      --sizes ${SIZES:-XL B} --models dit ours_dit tread_dit --compile_batch_sizes 128 256 \
+      --time_budget_s ${BUDGET:-470} 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  ;;
 esac
 ls -la "$OUT" "$OUT"/* | tee -a "$LOG"

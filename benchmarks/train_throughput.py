@@ -14,6 +14,9 @@ loss, backward, fused AdamW step and ``zero_grad(set_to_none=True)``, under bf16
 - ``deferred`` / ``deferred_moe``: `DeferredMaskDiTTransformer2DModel` (MicroDiT backbone preset, class-conditional
   with 1000 classes so it is comparable with DiT), mask ratio 0.75, `deferred_maskdit_loss`; dense MLPs
   (``num_experts=0``) or the preset's expert-choice MoE.
+- ``ours_dit`` / ``tread_dit``: our `RoutedDiTTransformer2DModel` (DiT paper sizes, learned sigma = 8 output
+  channels like the ``dit`` row) with `routed_dit_loss` + `EDMObjective`, without routing (our DiT) and with TREAD
+  routing at the paper's defaults (route ratio 0.5 over blocks 2 .. num_layers - 4: 2..24 of XL, 2..8 of B).
 - ``official_maskdit`` / ``official_mdt`` (not in the default list): the official implementations' own training
   steps, from files extracted into the git-ignored ``third_party/`` (``benchmarks/official_models.py`` says how).
   They run in an invocation of their own (their timm import path may stub torchvision, which breaks diffusers).
@@ -53,17 +56,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_models  # noqa: E402
 from official_models import OFFICIAL_LABELS, OFFICIAL_MODELS  # noqa: E402
 
-ALL_MODELS = ("dit", "maskdit", "mdt", "deferred", "deferred_moe")
+ALL_MODELS = ("dit", "maskdit", "mdt", "deferred", "deferred_moe", "ours_dit", "tread_dit")
 MODEL_LABELS = {
     "dit": "diffusers DiT",
     "maskdit": "MaskDiT @0.5",
     "mdt": "MDTv2 (full+masked)",
     "deferred": "DeferredMaskDiT dense @0.75",
     "deferred_moe": "DeferredMaskDiT MoE @0.75",
+    "ours_dit": "DiT (ours)",
+    "tread_dit": "TREAD-DiT route 0.5",
     **OFFICIAL_LABELS,
 }
 # Mask ratio each model trains with (MDTv2: --mdt_mask_ratio).
-TRAIN_MASK_RATIO = {"dit": 0.0, "maskdit": 0.5, "deferred": 0.75, "deferred_moe": 0.75}
+TRAIN_MASK_RATIO = {"dit": 0.0, "maskdit": 0.5, "deferred": 0.75, "deferred_moe": 0.75, "ours_dit": 0.0,
+                    "tread_dit": 0.0}
+# Route ratio of the routed DiT rows (TREAD's default).
+TRAIN_ROUTE_RATIO = {"ours_dit": 0.0, "tread_dit": 0.5}
 # diffusers DiT sizes (DiT paper): layers, heads, head dim.
 DIT_SIZES = {"XL": (28, 16, 72), "L": (24, 16, 64), "B": (12, 12, 64), "S": (12, 6, 64)}
 # The DeferredMaskDiT presets have no B size; "B" maps to MicroDiT's Tiny backbone (16 x 512) as the small variant.
@@ -87,6 +95,8 @@ def _model_exists(name: str) -> Tuple[bool, str]:
             from diffusers_masked.models.transformer_mdt import MDTv2Transformer2DModel  # noqa: F401
         elif name in ("deferred", "deferred_moe"):
             from diffusers_masked.models.transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel  # noqa: F401
+        elif name in TRAIN_ROUTE_RATIO:
+            from diffusers_masked.training.recipe_dit import routed_dit_loss  # noqa: F401
         return True, ""
     except Exception as err:  # a model another engineer has not finished yet
         return False, f"{type(err).__name__}: {err}"
@@ -127,6 +137,13 @@ def build_model(name: str, size: str, tiny: bool) -> torch.nn.Module:
         if name == "deferred":
             overrides["num_experts"] = 0
         return DeferredMaskDiTTransformer2DModel.from_preset(f"{preset}/2", **overrides)
+    if name in TRAIN_ROUTE_RATIO:
+        from diffusers_masked.models.transformer_dit import RoutedDiTTransformer2DModel
+
+        if tiny:
+            return RoutedDiTTransformer2DModel(sample_size=sample, hidden_size=32, num_layers=4, num_attention_heads=2,
+                                               learn_sigma=True)
+        return RoutedDiTTransformer2DModel.from_preset(f"{size}/2", sample_size=sample, in_channels=4, learn_sigma=True)
     raise ValueError(f"Unknown model {name!r}; choose from {ALL_MODELS + OFFICIAL_MODELS}.")
 
 
@@ -186,6 +203,13 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
         objective = EDMObjective(sigma_data=0.9, p_mean=-0.6, p_std=1.2)
         ratio = TRAIN_MASK_RATIO[name]
         return lambda model, x0, labels: deferred_maskdit_loss(model, objective, x0, {"class_labels": labels}, ratio)[0]
+    if name in TRAIN_ROUTE_RATIO:
+        from diffusers_masked.training.objectives import EDMObjective
+        from diffusers_masked.training.recipe_dit import routed_dit_loss
+
+        objective = EDMObjective()
+        ratio = TRAIN_ROUTE_RATIO[name]
+        return lambda model, x0, labels: routed_dit_loss(model, objective, x0, {"class_labels": labels}, ratio)[0]
     raise ValueError(f"Unknown model {name!r}.")
 
 
@@ -195,6 +219,8 @@ def forward_for_explain(name: str) -> Callable:
     def fwd(model, x, t, labels, ids_keep=None):
         if name == "dit":
             return model(x, timestep=t, class_labels=labels).sample
+        if name in TRAIN_ROUTE_RATIO:
+            return model(x, t, class_labels=labels, route_ids=ids_keep).sample
         return model(x, t, class_labels=labels, ids_keep=ids_keep).sample
 
     return fwd
@@ -205,7 +231,7 @@ def ids_keep_for_explain(name: str, model: torch.nn.Module, batch_size: int, mdt
     """The mask as the trainer's losses draw it: outside the compiled forward, from the run's seeded generator."""
     from diffusers_masked.training.recipe import draw_ids_keep
 
-    ratio = mdt_mask_ratio if name == "mdt" else TRAIN_MASK_RATIO[name]
+    ratio = mdt_mask_ratio if name == "mdt" else TRAIN_ROUTE_RATIO.get(name) or TRAIN_MASK_RATIO[name]
     return draw_ids_keep(model, batch_size, ratio, device, torch.Generator().manual_seed(0))
 
 
@@ -269,9 +295,21 @@ def explain_graph_breaks(model: torch.nn.Module, fwd: Callable, inputs: Tuple, a
         torch._dynamo.reset()
 
 
+def mark_batch_dynamic(module: torch.nn.Module, args: Tuple, kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook of a compiled model (runs eagerly, before dynamo): mark dim 0 of every batch-sized tensor
+    argument dynamic, so that the first compilation already has a symbolic batch size (the noised inputs are made in
+    the loss, outside the compiled module, where nothing else could mark them)."""
+    b = args[0].shape[0]
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+
+
 def compile_kwargs(args) -> Dict[str, Any]:
     """``torch.compile`` arguments of every compiled run (static shapes; ``--compile_mode`` may add CUDA graphs)."""
-    kw: Dict[str, Any] = {"backend": args.compile_backend, "dynamic": False}
+    # --dynamic_batch: one graph per model with a symbolic batch size serves every batch size of the row (one
+    # compilation instead of one per batch size); the token count stays static.
+    kw: Dict[str, Any] = {"backend": args.compile_backend, "dynamic": None if getattr(args, "dynamic_batch", False) else False}
     if args.compile_mode != "default":
         kw["mode"] = args.compile_mode
     return kw
@@ -294,6 +332,8 @@ def bench_model(name: str, size: str, mode: str, batch_sizes: List[int], args, d
     if mode == "compile":
         torch._dynamo.reset()
         runner = torch.compile(model, **compile_kwargs(args))
+        if getattr(args, "dynamic_batch", False):
+            runner.register_forward_pre_hook(mark_batch_dynamic, with_kwargs=True)
     use_autocast = device.type == "cuda" or args.quick
 
     def autocast():
@@ -428,6 +468,11 @@ def bench_inference(args, device: torch.device) -> List[Dict[str, Any]]:
 
                 sched = DDIMScheduler(timestep_spacing="linspace")
                 pipe = MDTv2Pipeline(transformer=model, scheduler=sched, vae=vae, id2label=id2label)
+                kwargs = dict(output_type="pt")
+            elif name in TRAIN_ROUTE_RATIO:
+                from diffusers_masked.pipelines.pipeline_dit import RoutedDiTPipeline
+
+                pipe = RoutedDiTPipeline(transformer=model, scheduler=EDMEulerScheduler(), vae=vae, id2label=id2label)
                 kwargs = dict(output_type="pt")
             else:
                 from diffusers_masked.pipelines.pipeline_deferred_maskdit import DeferredMaskDiTPipeline
@@ -592,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_batch_sizes", nargs="+", type=int, default=None,
                    help="Batch sizes for compile rows (default: --batch_sizes); each one is a fresh compilation.")
     p.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend.")
+    p.add_argument("--dynamic_batch", action="store_true",
+                   help="Compile each model once with a dynamic batch dimension (all its batch sizes share the graph) "
+                        "instead of once per batch size: about half the compile time for two batch sizes.")
     p.add_argument("--compile_mode", type=str, default="default",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compiled runs; reduce-overhead replays the step's kernels as CUDA "
@@ -668,6 +716,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         except ImportError:
             notes.append("MDTv2 recipe not importable: MDTv2 step = full + masked forward with plain MSE.")
 
+    if args.dynamic_batch and "compile" in args.modes:
+        notes.append("Compiled rows use one graph per model with a dynamic batch dimension (--dynamic_batch).")
     if args.compile_mode != "default" and "compile" in args.modes:
         notes.append(f"Compiled rows use torch.compile(mode={args.compile_mode!r}).")
 

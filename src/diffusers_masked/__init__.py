@@ -12,6 +12,8 @@ from .pipelines import MaskDiTPipeline
 from .pipelines import MDTv2Pipeline
 from .models import DeferredMaskDiTTransformer2DModel
 from .pipelines import DeferredMaskDiTPipeline
+from .models import RoutedDiTTransformer2DModel
+from .pipelines import RoutedDiTPipeline
 
 _EXPORTED_TO_DIFFUSERS = {
     "MaskDiTTransformer2DModel": MaskDiTTransformer2DModel,
@@ -20,6 +22,8 @@ _EXPORTED_TO_DIFFUSERS = {
     "MDTv2Pipeline": MDTv2Pipeline,
     "DeferredMaskDiTTransformer2DModel": DeferredMaskDiTTransformer2DModel,
     "DeferredMaskDiTPipeline": DeferredMaskDiTPipeline,
+    "RoutedDiTTransformer2DModel": RoutedDiTTransformer2DModel,
+    "RoutedDiTPipeline": RoutedDiTPipeline,
 }
 
 
@@ -35,4 +39,4 @@ def _register_with_diffusers() -> None:
 
 _register_with_diffusers()
 
-__all__ = ["MaskDiTPipeline", "MaskDiTTransformer2DModel", "MaskedTransformer2DModelOutput", "MDTv2Pipeline", "MDTv2Transformer2DModel", "DeferredMaskDiTPipeline", "DeferredMaskDiTTransformer2DModel"]
+__all__ = ["MaskDiTPipeline", "MaskDiTTransformer2DModel", "MaskedTransformer2DModelOutput", "MDTv2Pipeline", "MDTv2Transformer2DModel", "DeferredMaskDiTPipeline", "DeferredMaskDiTTransformer2DModel", "RoutedDiTPipeline", "RoutedDiTTransformer2DModel"]

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
 
+from .models.modeling_common import explain_weights_error
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -34,20 +36,26 @@ class MaskedTransformerLoraLoaderMixin(LoraBaseMixin):
             kwargs.setdefault("weight_name", os.path.basename(path))
             path = os.path.dirname(os.path.abspath(path))
         use_safetensors = kwargs.pop("use_safetensors", None)
-        state_dict, metadata = _fetch_state_dict(
-            pretrained_model_name_or_path_or_dict=path,
-            weight_name=kwargs.pop("weight_name", None),
-            use_safetensors=True if use_safetensors is None else use_safetensors,
-            local_files_only=kwargs.pop("local_files_only", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            force_download=kwargs.pop("force_download", False),
-            proxies=kwargs.pop("proxies", None),
-            token=kwargs.pop("token", None),
-            revision=kwargs.pop("revision", None),
-            subfolder=kwargs.pop("subfolder", None),
-            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-            allow_pickle=use_safetensors is None,
-        )
+        try:
+            state_dict, metadata = _fetch_state_dict(
+                pretrained_model_name_or_path_or_dict=path,
+                weight_name=kwargs.pop("weight_name", None),
+                use_safetensors=True if use_safetensors is None else use_safetensors,
+                local_files_only=kwargs.pop("local_files_only", None),
+                cache_dir=kwargs.pop("cache_dir", None),
+                force_download=kwargs.pop("force_download", False),
+                proxies=kwargs.pop("proxies", None),
+                token=kwargs.pop("token", None),
+                revision=kwargs.pop("revision", None),
+                subfolder=kwargs.pop("subfolder", None),
+                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+                allow_pickle=use_safetensors is None,
+            )
+        except OSError as err:
+            explained = explain_weights_error(err, "LoRA weights")
+            if explained is None:
+                raise
+            raise explained from explained.__cause__
         return (state_dict, metadata) if return_metadata else state_dict
 
     def load_lora_weights(

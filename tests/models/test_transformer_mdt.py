@@ -334,3 +334,26 @@ def test_two_forwards_then_backward_survive_in_place_buffer_broadcast():
     masked = model(x, t, y, mask_ratio=0.5).sample
     (full.square().mean() + masked.square().mean()).backward()
     assert model.encoder_in_blocks[0].rel_pos_bias.relative_position_bias_table.grad is not None
+
+
+def test_bias_lookup_backward_is_bit_reproducible():
+    # Large enough (> 32768 looked-up elements) that CPU advanced-indexing backward would add with float atomics
+    # across threads; repeated backward passes must give the same table gradients bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        g = torch.Generator().manual_seed(0)
+        grid, blocks, heads = 8, 4, 4
+        index = relative_position_index(grid)
+        tables = [torch.randn((2 * grid - 1) ** 2, heads, generator=g, requires_grad=True) for _ in range(blocks)]
+        ids_keep = torch.argsort(torch.rand(16, grid * grid, generator=g), dim=1)[:, :32]
+        grad_out = [torch.randn(16, heads, 32, 32, generator=g) for _ in range(blocks)]
+        grads = []
+        for _ in range(8):
+            torch.autograd.backward(relative_position_biases(tables, index, ids_keep), grad_out)
+            grads.append(torch.cat([t.grad for t in tables]))
+            for t in tables:
+                t.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])

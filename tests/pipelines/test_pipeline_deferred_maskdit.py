@@ -28,6 +28,7 @@ def tiny_transformer(**overrides):
 
 def make_pipe(minilm, **kwargs):
     text_encoder, tokenizer = minilm
+    kwargs.setdefault("scheduler", DeferredMaskDiTPipeline.default_scheduler())
     pipe = DeferredMaskDiTPipeline(tiny_transformer(), text_encoder=text_encoder, tokenizer=tokenizer, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -49,6 +50,71 @@ def test_default_scheduler_is_edm_with_microdit_sigma_data(minilm):
     pipe = make_pipe(minilm)
     assert isinstance(pipe.scheduler, EDMEulerScheduler)
     assert pipe.scheduler.config.sigma_data == 0.9 and pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.training_objective == {"objective": "edm", "prediction_type": "epsilon", "sigma_data": 0.9}
+
+
+def test_scheduler_none_stays_none_through_save_and_load(minilm, tmp_path):
+    text_encoder, tokenizer = minilm
+    pipe = DeferredMaskDiTPipeline(tiny_transformer(), None, text_encoder=text_encoder, tokenizer=tokenizer)
+    assert pipe.scheduler is None  # not silently replaced by a default
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert loaded.scheduler is None
+    with pytest.raises(ValueError, match=r"no scheduler.*pipe.scheduler ="):
+        run(loaded, prompt="a bag")
+    loaded.scheduler = DeferredMaskDiTPipeline.default_scheduler()
+    loaded.set_progress_bar_config(disable=True)
+    assert run(loaded, prompt="a bag").shape == (1, 8, 8, 1)
+
+
+def test_encode_prompt_with_only_text_encoder_and_tokenizer(minilm):
+    """As diffusers' pipeline tests build it: every non-text component None; dtype and width come from the encoder."""
+    text_encoder, tokenizer = minilm
+    full = make_pipe(minilm)
+    only_text = DeferredMaskDiTPipeline(transformer=None, scheduler=None, vae=None, text_encoder=text_encoder,
+                                        tokenizer=tokenizer)
+    embeds, mask, neg, neg_mask = only_text.encode_prompt(["a bag", "a photo of a shoe"], num_images_per_prompt=2)
+    assert embeds.shape[0] == 4 and embeds.shape[-1] == MINILM_WIDTH and embeds.dtype == text_encoder.dtype
+    ref = full.encode_prompt(["a bag", "a photo of a shoe"], num_images_per_prompt=2)
+    for a, b in zip((embeds, mask, neg, neg_mask), ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="hidden size of the text encoder"):
+        only_text.encode_prompt(prompt_embeds=torch.randn(1, 3, 7))
+    with pytest.raises(ValueError, match="no transformer"):
+        run(only_text, prompt="a bag")
+
+
+def test_long_prompt_is_truncated_with_a_warning(minilm, caplog):
+    pipe = make_pipe(minilm)
+    long_prompt = "a photo of " + " and ".join(["a red bag"] * 20)
+    with caplog.at_level("WARNING"):
+        embeds, mask, _, _ = pipe.encode_prompt(long_prompt, max_sequence_length=16)
+    assert embeds.shape[1] == 16
+    assert "truncated" in caplog.text and "max_sequence_length=16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pipe.encode_prompt("a bag", max_sequence_length=16)
+    assert "truncated" not in caplog.text
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        pipe.encode_prompt("a bag", max_sequence_length=0)
+
+
+def test_edm_model_with_a_ddpm_scheduler_warns(minilm, tmp_path, caplog):
+    from diffusers import DDPMScheduler
+
+    pipe = make_pipe(minilm)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, scheduler=DDPMScheduler())
+    assert loaded.training_objective["objective"] == "edm"
+    loaded.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        run(loaded, prompt="a bag", num_inference_steps=2)
+    assert "EDM objective" in caplog.text and "DDPMScheduler" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # same family, other sigma_data: also wrong
+        loaded.scheduler = EDMEulerScheduler(sigma_data=0.5)
+        run(loaded, prompt="a bag", num_inference_steps=2)
+    assert "sigma_data=0.5" in caplog.text
 
 
 def test_samples_from_prompts(minilm):
@@ -140,11 +206,16 @@ def test_bad_inputs_raise(minilm):
         run(pipe, prompt=[])
     with pytest.raises(ValueError, match="num_inference_steps"):
         run(pipe, prompt="a bag", num_inference_steps=0)
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        run(pipe, prompt="a bag", num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="generators"):
+        run(pipe, prompt=["a bag", "a shoe"], generator=[torch.Generator().manual_seed(0)] * 3)
     # A text encoder whose width differs from caption_channels is reported clearly.
     text_encoder, tokenizer = minilm
-    wrong = DeferredMaskDiTPipeline(tiny_transformer(caption_channels=32), text_encoder=text_encoder, tokenizer=tokenizer)
+    wrong = DeferredMaskDiTPipeline(tiny_transformer(caption_channels=32), DeferredMaskDiTPipeline.default_scheduler(),
+                                    text_encoder=text_encoder, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="caption_channels"):
         run(wrong, prompt="a bag")
-    no_encoder = DeferredMaskDiTPipeline(tiny_transformer())
+    no_encoder = DeferredMaskDiTPipeline(tiny_transformer(), DeferredMaskDiTPipeline.default_scheduler())
     with pytest.raises(ValueError, match="text_encoder"):
         run(no_encoder, prompt="a bag")

@@ -3,10 +3,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EDMEulerScheduler
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+)
 
 from diffusers_masked import MDTv2Pipeline, MDTv2Transformer2DModel
-from diffusers_masked.pipelines.pipeline_mdt import power_cosine_guidance_scale
+from diffusers_masked.pipelines.pipeline_mdt import power_cosine_guidance_at_progress, power_cosine_guidance_scale
 
 
 def tiny_transformer():
@@ -179,7 +185,76 @@ def test_bad_inputs_raise(kwargs):
         run(pipe, **kwargs)
 
 
-def test_power_cosine_rejects_edm_scheduler():
+def spy_scales(pipe):
+    seen = []
+    original = pipe.guidance_scale_at
+
+    def spy(g, i, t):
+        w = original(g, i, t)
+        seen.append(w)
+        return w
+
+    pipe.guidance_scale_at = spy
+    return seen
+
+
+SCHEDULERS = {
+    "ddpm": lambda: MDTv2Pipeline.default_scheduler(),
+    # linspace: the first step is t = 999 (DDIM's default "leading" spacing starts at t = 800 for 5 steps, where the
+    # timestep form of the schedule is already above 1).
+    "ddim": lambda: DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                                  timestep_spacing="linspace"),
+    "dpm-solver++": lambda: DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),
+    "edm-euler": lambda: EDMEulerScheduler(),
+    "edm-dpm-solver": lambda: EDMDPMSolverMultistepScheduler(),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_power_cosine_schedule_with_every_scheduler(name):
+    """The schedule rises from 1 (no guidance) on the noisiest step to guidance_scale on the last one, whatever the
+    scheduler's timesteps mean (DDPM training steps or EDM's ln(sigma) / 4)."""
+    pipe = make_pipe(SCHEDULERS[name]())
+    seen = spy_scales(pipe)
+    guided = run(pipe, guidance_scale=3.8, guidance_power=1.0, num_inference_steps=5, output_type="latent")
+    assert torch.isfinite(guided).all() and guided.shape == (2, 4, 8, 8)
+    assert len(seen) == 5 and seen == sorted(seen)
+    assert seen[0] == pytest.approx(1.0, abs=1e-3) and 1.0 < seen[2] < seen[-1]
+    if name.startswith("edm"):  # progress = step / (steps - 1): full guidance on the last step
+        expected = [power_cosine_guidance_at_progress(3.8, 1.0, i / 4) for i in range(5)]
+    else:  # timesteps are training steps: the official 1 - t / T (DPM-Solver's last model call is at t = 200)
+        expected = [power_cosine_guidance_scale(3.8, 1.0, t, 1000) for t in pipe.scheduler.timesteps.tolist()]
+    assert seen == pytest.approx(expected)
+    constant = run(pipe, guidance_scale=3.8, guidance_schedule="constant", num_inference_steps=5, output_type="latent")
+    assert not torch.allclose(guided, constant)
+
+
+def test_edm_schedule_follows_step_progress():
     pipe = make_pipe(EDMEulerScheduler())
-    with pytest.raises(ValueError, match="DDPM-family"):
-        run(pipe)
+    seen = spy_scales(pipe)
+    run(pipe, guidance_scale=3.8, guidance_power=4.0, num_inference_steps=5)
+    expected = [power_cosine_guidance_at_progress(3.8, 4.0, i / 4) for i in range(5)]
+    assert seen == pytest.approx(expected)
+
+
+def test_progress_form_matches_official_timestep_form():
+    for t in (0, 4, 250, 500, 999):
+        assert power_cosine_guidance_scale(3.8, 4.0, t) == pytest.approx(
+            power_cosine_guidance_at_progress(3.8, 4.0, 1 - t / 1000))
+    assert power_cosine_guidance_at_progress(3.8, 4.0, 1.5) == pytest.approx(3.8)  # clamped
+    assert power_cosine_guidance_at_progress(3.8, 4.0, -0.5) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(guidance_power=float("nan")), dict(guidance_scale=float("nan")), dict(guidance_channels=0),
+     dict(guidance_channels=5), dict(class_labels=[[0], [2.5]]), dict(num_images_per_prompt=0)],
+)
+def test_more_bad_inputs_raise(kwargs):
+    with pytest.raises(ValueError):
+        run(make_pipe(), **kwargs)
+
+
+def test_nested_class_labels():
+    pipe = make_pipe()
+    torch.testing.assert_close(run(pipe, class_labels=[[0], [2]]), run(pipe, class_labels=[0, 2]))

@@ -51,6 +51,24 @@ def test_lora_run_trains_only_the_adapter_and_loads_into_the_pipeline(tmp_path):
     assert after.shape == (1, 28, 28, 1) and not np.array_equal(before, after)
 
 
-def test_lora_needs_a_base_model():
-    with pytest.raises(ValueError, match="pretrained_model_name_or_path"):
+def test_lora_needs_a_base_model(capsys):
+    with pytest.raises(SystemExit):
         parse_args(MaskDiTRecipe(), ["--lora_rank", "4"])
+    assert "pretrained_model_name_or_path" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_lora_warns_about_use_ema_only_when_it_was_passed(tmp_path, caplog):
+    main(MaskDiTRecipe(), tiny_args(tmp_path, out="base", max_train_steps=2))
+    base = str(tmp_path / "base")
+    for passed in (False, True):
+        argv = tiny_args(tmp_path, out=f"lora-{passed}", pretrained_model_name_or_path=base, lora_rank=2)
+        if not passed:
+            argv.remove("--use_ema")  # MaskDiT's demo default still turns the EMA on
+        args = parse_args(MaskDiTRecipe(), argv)
+        assert args.use_ema and ("use_ema" in args.explicit_flags) == passed
+        caplog.clear()
+        trainer = Trainer(MaskDiTRecipe(), args)
+        trainer.lock.release()
+        assert trainer.ema is None
+        assert ("--use_ema is ignored" in caplog.text) == passed

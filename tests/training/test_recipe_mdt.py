@@ -266,3 +266,37 @@ def test_trainer_split_branch_backward_trains_like_the_joint_run(tmp_path):
     w = [load_file(tmp_path / f"run{s}" / "transformer" / "diffusion_pytorch_model.safetensors") for s in (False, True)]
     for key in w[0]:
         torch.testing.assert_close(w[0][key], w[1][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_identical_cpu_training_runs_end_bit_identical():
+    """Two identical short MDTv2 runs (both branches, AdamW) end with the same weights and Adam moments, bit for bit.
+
+    The masked branch's relative-position-bias lookup has > 32768 elements here, the size above which CPU
+    advanced-indexing backward adds with float atomics across threads (what made the tables' moments drift)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the drift needs more than one thread
+    try:
+        states = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = MDTv2Transformer2DModel(
+                sample_size=16, patch_size=2, in_channels=1, hidden_size=16, num_layers=4, num_decoder_layers=2,
+                num_attention_heads=2, num_classes=3,
+            )
+            recipe, a = MDTv2Recipe(), args()
+            objective = recipe.build_objective(a)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            gen, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+            for _ in range(3):
+                x0 = torch.rand(8, 1, 16, 16, generator=data) * 2 - 1
+                cond = {"class_labels": torch.randint(0, 3, (8,), generator=data)}
+                loss, _ = recipe.compute_loss(model, objective, x0, cond, 0.4, a, gen)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            states.append({n: [p.detach().clone()] + [optimizer.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")]
+                           for n, p in model.named_parameters()})
+    finally:
+        torch.set_num_threads(threads)
+    differing = [n for n in states[0] if not all(torch.equal(x, y) for x, y in zip(states[0][n], states[1][n]))]
+    assert not differing, f"runs differ in {differing}"

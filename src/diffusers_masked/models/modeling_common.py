@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 from diffusers.utils import BaseOutput
 
-from .masking import check_mask_ratio
+from .masking import check_ids_keep, check_mask_ratio
 
 
 @dataclass
@@ -73,7 +75,10 @@ def check_class_labels(model: Any, class_labels: Optional[torch.Tensor], batch_s
     name = type(model).__name__
     if num_classes is None:
         if class_labels is not None:
-            raise ValueError(f"{name} is unconditional (num_classes=None); do not pass class_labels.")
+            raise ValueError(
+                f"This {name} is {conditioning_description(model)}, so it takes no class_labels"
+                + ("; pass encoder_hidden_states (caption embeddings) instead." if is_text_model(model) else ".")
+            )
         return None
     if class_labels is None:
         raise ValueError(
@@ -101,10 +106,174 @@ def check_class_labels(model: Any, class_labels: Optional[torch.Tensor], batch_s
     return class_labels
 
 
-def check_masking_args(mask_ratio: float, ids_keep: Optional[torch.Tensor], num_tokens: int) -> None:
-    check_mask_ratio(mask_ratio)
-    if ids_keep is not None and (ids_keep.dim() != 2 or ids_keep.shape[1] > num_tokens):
-        raise ValueError(f"ids_keep must have shape (batch, kept_tokens <= {num_tokens}), got {tuple(ids_keep.shape)}.")
+def is_text_model(model: Any) -> bool:
+    return getattr(model.config, "caption_channels", None) is not None
+
+
+def conditioning_description(model: Any) -> str:
+    """``"class-conditional (num_classes=10)"``, ``"text-conditioned (caption_channels=1024)"`` or
+    ``"unconditional (num_classes=None)"``, for messages."""
+    cfg = model.config
+    if is_text_model(model):
+        return f"text-conditioned (caption_channels={cfg.caption_channels})"
+    if getattr(cfg, "num_classes", None) is not None:
+        return f"class-conditional (num_classes={cfg.num_classes})"
+    return "unconditional (num_classes=None)"
+
+
+def check_no_text_input(model: Any, encoder_hidden_states: Optional[torch.Tensor]) -> None:
+    """For models without text conditioning: refuse caption embeddings, naming what the model does take."""
+    if encoder_hidden_states is not None:
+        takes = "class_labels" if getattr(model.config, "num_classes", None) is not None else "no conditioning input"
+        raise ValueError(
+            f"This {type(model).__name__} is {conditioning_description(model)} with no text conditioning; it takes "
+            f"{takes}, not encoder_hidden_states."
+        )
+
+
+def training_mask_ratio_hint(model: Any) -> str:
+    """The model's usual training mask ratio, in words, for the mask-ratio error."""
+    ratio_range = getattr(model, "mask_ratio_range", None)
+    if ratio_range is not None:
+        return f"a ratio in [{ratio_range[0]}, {ratio_range[1]}) (MDTv2 draws one per batch)"
+    ratio = getattr(model.config, "train_mask_ratio", None) or getattr(model, "default_mask_ratio", None)
+    return f"e.g. {ratio}" if ratio is not None else "a ratio in (0, 1)"
+
+
+def check_masking_args(
+    model: Any, mask_ratio: float, ids_keep: Optional[torch.Tensor], batch_size: int
+) -> Optional[torch.Tensor]:
+    """Check ``mask_ratio`` and a given ``ids_keep`` (see `masking.check_ids_keep`; values are checked without a
+    device sync on the GPU training path). Returns ``ids_keep`` as int64, or `None`."""
+    name = type(model).__name__
+    check_mask_ratio(mask_ratio, name, training_mask_ratio_hint(model))
+    if ids_keep is None:
+        return None
+    return check_ids_keep(ids_keep, batch_size, model.num_tokens, owner=name)
+
+
+#: Sanity limits of the constructor checks: far above every published configuration, low enough that a typo (an
+#: extra zero, ``num_layers=10**6``) fails at once instead of allocating for minutes. To build something larger,
+#: raise the entry, e.g. ``diffusers_masked.models.modeling_common.SIZE_LIMITS["layers"] = 4096``.
+SIZE_LIMITS: Dict[str, int] = {
+    "layers": 1024,
+    "width": 65536,
+    "heads": 1024,
+    "channels": 4096,
+    "sample_size": 8192,
+    "num_tokens": 16384,
+    "num_classes": 1_000_000,
+    "experts": 1024,
+}
+
+
+def _limit_hint(limit: str) -> str:
+    return (
+        f"the sanity limit SIZE_LIMITS[{limit!r}]={SIZE_LIMITS[limit]} (a typo?); to build a model this large, raise "
+        f"diffusers_masked.models.modeling_common.SIZE_LIMITS[{limit!r}] first"
+    )
+
+
+def check_int_arg(
+    owner: str, name: str, value: Any, minimum: int = 1, limit: Optional[str] = None, allow_none: bool = False
+) -> None:
+    """Raise a ValueError unless ``value`` is an integer >= ``minimum`` (and <= ``SIZE_LIMITS[limit]``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{owner}: {name} must be an integer{none}, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}.")
+    if limit is not None and value > SIZE_LIMITS[limit]:
+        raise ValueError(f"{owner}: {name}={value} is above {_limit_hint(limit)}.")
+
+
+def check_number_arg(
+    owner: str,
+    name: str,
+    value: Any,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise a ValueError unless ``value`` is a real number in the given interval (open or closed ends)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r} ({type(value).__name__}).")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "inf)" if high is None else f"{high}" + (")" if high_open else "]")
+        raise ValueError(f"{owner}: {name} must be in {lo}, {hi}, got {value}.")
+
+
+def check_divisible(owner: str, name: str, value: int, divisor_name: str, divisor: int) -> None:
+    if value % divisor:
+        raise ValueError(f"{owner}: {name}={value} must be divisible by {divisor_name}={divisor}.")
+
+
+def check_common_model_args(
+    owner: str,
+    sample_size: Any,
+    patch_size: Any,
+    in_channels: Any,
+    out_channels: Any,
+    num_classes: Any,
+    class_dropout_prob: Any,
+    norm_eps: Any,
+    widths: Iterable[tuple] = (),
+    depths: Iterable[tuple] = (),
+) -> None:
+    """Constructor checks every model shares, run before any weight is allocated.
+
+    ``widths``: ``(name, width, heads_name, heads)`` per attention stack (``heads`` may be None when the stack
+    fixes the head width instead); ``depths``: ``(name, layers, minimum)`` per block stack."""
+    check_int_arg(owner, "sample_size", sample_size, limit="sample_size")
+    check_int_arg(owner, "patch_size", patch_size, limit="sample_size")
+    if sample_size % patch_size:
+        raise ValueError(
+            f"{owner}: sample_size={sample_size} must be divisible by patch_size={patch_size} (the model cuts the "
+            "input into patch_size x patch_size patches)."
+        )
+    num_tokens = (sample_size // patch_size) ** 2
+    if num_tokens > SIZE_LIMITS["num_tokens"]:
+        raise ValueError(
+            f"{owner}: sample_size={sample_size} with patch_size={patch_size} gives {num_tokens} tokens, above "
+            f"{_limit_hint('num_tokens')}."
+        )
+    check_int_arg(owner, "in_channels", in_channels, limit="channels")
+    check_int_arg(owner, "out_channels", out_channels, limit="channels", allow_none=True)
+    check_int_arg(owner, "num_classes", num_classes, limit="num_classes", allow_none=True)
+    check_number_arg(owner, "class_dropout_prob", class_dropout_prob, 0.0, 1.0, high_open=True)
+    check_number_arg(owner, "norm_eps", norm_eps, 0.0, low_open=True)
+    for name, layers, minimum in depths:
+        check_int_arg(owner, name, layers, minimum=minimum, limit="layers")
+    for name, width, heads_name, heads in widths:
+        check_int_arg(owner, name, width, limit="width")
+        if heads is not None:
+            check_int_arg(owner, heads_name, heads, limit="heads")
+            check_divisible(owner, name, width, heads_name, heads)
+
+
+#: Config keys a saved config must state: they fix the input the model accepts, so a default would build a model
+#: for other data without a word.
+REQUIRED_CONFIG_KEYS = ("sample_size", "patch_size", "in_channels")
+
+_DIFFUSERS_WEIGHTS_ERROR = re.compile(r"Unable to load weights from checkpoint file for '(?P<path>.+?)'")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of ``error``'s chain (diffusers re-raises a safetensors error two handlers deep)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        nxt = error.__cause__ or error.__context__
+        if nxt is None:
+            break
+        error = nxt
+    return error
 
 
 class PresetMixin:
@@ -134,3 +303,47 @@ class PresetMixin:
     def from_preset(cls, name: str, **overrides: Any):
         """Randomly initialised model of preset ``name`` (e.g. ``"XL/2"``); ``overrides`` change config keys."""
         return cls(**cls.preset_config(name, **overrides))
+
+
+def explain_weights_error(error: OSError, what: str) -> Optional[OSError]:
+    """For diffusers' reasonless "Unable to load weights from checkpoint file" error: an OSError that adds the file,
+    the reader's own error (e.g. safetensors' "incomplete metadata, file not fully covered" for a truncated file) and
+    the fix; `None` for any other error. ``what`` names the weights (e.g. "MaskDiTTransformer2DModel weights")."""
+    match = _DIFFUSERS_WEIGHTS_ERROR.search(str(error))
+    if match is None:
+        return None
+    cause = _root_cause(error)
+    reason = f"{type(cause).__name__}: {cause}" if cause is not error else "unreadable file"
+    explained = OSError(
+        f"Could not load the {what} from {match.group('path')}: {reason}. The file is damaged or incomplete (an "
+        "interrupted download, copy or save): download it again (from_pretrained(..., force_download=True) for a "
+        "Hub model) or write it again with save_pretrained."
+    )
+    explained.__cause__ = cause
+    return explained
+
+
+class MaskedModelMixin(PresetMixin):
+    """What the models add to diffusers' loading: presets, a config check and weight-file errors that say why."""
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
+        if isinstance(config, dict):
+            missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config and k not in kwargs]
+            if missing:
+                raise ValueError(
+                    f"The {cls.__name__} config lacks {missing}; without them a default-sized model (e.g. "
+                    f"sample_size=32, patch_size=2) would be built for other data. A config.json written by "
+                    "save_pretrained always has them: add them to the file, or pass them as keyword arguments."
+                )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as err:
+            explained = explain_weights_error(err, f"{cls.__name__} weights")
+            if explained is None:
+                raise
+            raise explained from explained.__cause__

@@ -30,11 +30,15 @@ from .layers import (
 )
 from .masking import gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
 from .modeling_common import (
+    MaskedModelMixin,
     MaskedTransformer2DModelOutput,
-    PresetMixin,
     check_class_labels,
+    check_common_model_args,
     check_image_input,
+    check_int_arg,
     check_masking_args,
+    check_no_text_input,
+    check_number_arg,
     prepare_timestep,
 )
 from .moe import ExpertChoiceFeedForward
@@ -218,7 +222,7 @@ def _patch_mixer_map(in_dim: int, out_dim: int, norm_eps: float) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""MicroDiT: a light patch-mixer over all tokens, then random masking, then the backbone on the kept tokens.
 
     Training (``mask_ratio > 0``, 0.75 in the paper): patch tokens (+ fixed sin-cos positions) go through the
@@ -329,8 +333,29 @@ class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, Pe
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}.")
+        owner = type(self).__name__
+        check_common_model_args(
+            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+            widths=[("hidden_size", hidden_size, None, None),
+                    ("patch_mixer_hidden_size", patch_mixer_hidden_size, None, None)],
+            depths=[("num_layers", num_layers, 1), ("patch_mixer_layers", patch_mixer_layers, 0),
+                    ("num_caption_refiner_layers", num_caption_refiner_layers, 0)],
+        )
+        check_int_arg(owner, "attention_head_dim", attention_head_dim, limit="width")
+        check_int_arg(owner, "ff_multiple_of", ff_multiple_of, limit="width")
+        check_int_arg(owner, "num_experts", num_experts, minimum=0, limit="experts")
+        check_int_arg(owner, "experts_every_n", experts_every_n, minimum=0, limit="layers")
+        check_int_arg(owner, "caption_channels", caption_channels, limit="width", allow_none=True)
+        check_int_arg(owner, "timestep_frequency_dim", timestep_frequency_dim, minimum=2, limit="width")
+        check_number_arg(owner, "expert_capacity", expert_capacity, 0.0, low_open=True)
+        check_number_arg(owner, "train_mask_ratio", train_mask_ratio, 0.0, 1.0, high_open=True)
+        check_number_arg(owner, "pos_interpolation_scale", pos_interpolation_scale, 0.0, low_open=True)
+        for name, ratios in (("attention_ratios", attention_ratios), ("ff_ratios", ff_ratios),
+                             ("patch_mixer_attention_ratio", patch_mixer_attention_ratio),
+                             ("patch_mixer_mlp_ratio", patch_mixer_mlp_ratio),
+                             ("caption_refiner_mlp_ratio", caption_refiner_mlp_ratio)):
+            for ratio in ratios if isinstance(ratios, (list, tuple)) else [ratios]:
+                check_number_arg(owner, name, ratio, 0.0, 64.0, low_open=True)
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
         if caption_channels is not None and num_classes is not None:
@@ -341,8 +366,6 @@ class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, Pe
         for name, width in (("hidden_size", hidden_size), ("patch_mixer_hidden_size", patch_mixer_hidden_size)):
             if width % attention_head_dim:
                 raise ValueError(f"{name}={width} must be divisible by attention_head_dim={attention_head_dim}.")
-        if num_experts < 0 or expert_capacity <= 0:
-            raise ValueError(f"Need num_experts >= 0 and expert_capacity > 0, got {num_experts}, {expert_capacity}.")
 
         self.out_channels = out_channels if out_channels is not None else in_channels
         grid = sample_size // patch_size
@@ -500,10 +523,7 @@ class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, Pe
     def _check_text_inputs(self, encoder_hidden_states: Optional[torch.Tensor], batch_size: int) -> None:
         name = type(self).__name__
         if not self.is_text_conditioned:
-            if encoder_hidden_states is not None:
-                raise ValueError(
-                    f"This {name} has no text conditioning (caption_channels=None); do not pass encoder_hidden_states."
-                )
+            check_no_text_input(self, encoder_hidden_states)
             return
         c = self.config.caption_channels
         if encoder_hidden_states is None:
@@ -543,7 +563,8 @@ class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, Pe
             mask_ratio (`float`, defaults to 0.0): Share of tokens removed before the backbone, in [0, 1).
             generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
             ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
-                mask (``mask_ratio`` is then ignored).
+                mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
+                (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
             return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
 
         Returns:
@@ -551,7 +572,7 @@ class DeferredMaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, Pe
             ``mask`` (B, N) bool, True where a token was masked, or `None` when nothing was masked.
         """
         check_image_input(self, hidden_states)
-        check_masking_args(mask_ratio, ids_keep, self.num_tokens)
+        ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
         b, _, h, w = hidden_states.shape
         device = hidden_states.device
         self._check_text_inputs(encoder_hidden_states, b)

@@ -24,11 +24,14 @@ from .layers import (
 )
 from .masking import gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
 from .modeling_common import (
+    MaskedModelMixin,
     MaskedTransformer2DModelOutput,
-    PresetMixin,
     check_class_labels,
+    check_common_model_args,
     check_image_input,
     check_masking_args,
+    check_no_text_input,
+    check_number_arg,
     prepare_timestep,
 )
 
@@ -55,7 +58,7 @@ class MaskDiTEncoderToDecoder(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
-class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""MaskDiT: a DiT encoder that sees only the unmasked tokens and a light decoder over all tokens.
 
     Training (``mask_ratio > 0``): patch tokens (+ fixed sin-cos positions) are masked at random, keeping the same
@@ -103,6 +106,8 @@ class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapte
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _size_presets = MASKDIT_SIZE_PRESETS
+    #: The paper's training mask ratio.
+    default_mask_ratio = 0.5
 
     @register_to_config
     def __init__(
@@ -124,10 +129,15 @@ class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapte
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}.")
-        if hidden_size % num_attention_heads or decoder_hidden_size % decoder_num_attention_heads:
-            raise ValueError("hidden sizes must be divisible by their number of attention heads.")
+        owner = type(self).__name__
+        check_common_model_args(
+            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+            widths=[("hidden_size", hidden_size, "num_attention_heads", num_attention_heads),
+                    ("decoder_hidden_size", decoder_hidden_size, "decoder_num_attention_heads",
+                     decoder_num_attention_heads)],
+            depths=[("num_layers", num_layers, 1), ("num_decoder_layers", num_decoder_layers, 0)],
+        )
+        check_number_arg(owner, "mlp_ratio", mlp_ratio, 0.0, 64.0, low_open=True)
         if out_channels is None:
             out_channels = in_channels * 2 if learn_sigma else in_channels
         self.out_channels = out_channels
@@ -216,13 +226,13 @@ class MaskDiTTransformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapte
             mask_ratio (`float`, defaults to 0.0): Share of tokens to remove before the encoder, in [0, 1).
             generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
             ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
-                mask (``mask_ratio`` is then ignored).
+                mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
+                (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
             return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
         """
         check_image_input(self, hidden_states)
-        check_masking_args(mask_ratio, ids_keep, self.num_tokens)
-        if encoder_hidden_states is not None:
-            raise ValueError("MaskDiTTransformer2DModel is class-conditional; it takes no encoder_hidden_states.")
+        ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
+        check_no_text_input(self, encoder_hidden_states)
         b, _, h, w = hidden_states.shape
         device = hidden_states.device
         timestep = prepare_timestep(timestep, b, device)

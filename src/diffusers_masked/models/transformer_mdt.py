@@ -23,11 +23,14 @@ from .layers import (
 )
 from .masking import TokenMask, gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
 from .modeling_common import (
+    MaskedModelMixin,
     MaskedTransformer2DModelOutput,
-    PresetMixin,
     check_class_labels,
+    check_common_model_args,
     check_image_input,
     check_masking_args,
+    check_no_text_input,
+    check_number_arg,
     prepare_timestep,
 )
 
@@ -79,12 +82,22 @@ def relative_position_biases(
     tables are concatenated (one wide lookup instead of one per block), looked up with the static (N, N) index
     (each table row is used ~N*N/(2G-1)**2 times), and the kept rows/columns are then taken per sample from that
     (N, N) bias, whose backward has only ~B*(K/N)**2 duplicates per entry.
+
+    Why `F.embedding` and not advanced indexing: indexing's backward is ``index_put_(accumulate=True)``, which on CPU
+    adds with float atomics across threads once a lookup has >= 32768 elements, so two identical CPU training runs
+    drifted apart (~3e-7 relative in the tables' gradients). Embedding's backward accumulates every table row in
+    index order on CPU and CUDA (bit-identical runs, and not slower: on an H200 the eager XL/2 lookup forward +
+    backward went from 28.6 to 25.5 ms at batch 128, compiled unchanged). Compiled graphs lower either backward to
+    atomic scatter-adds (both measured non-reproducible on the H200), so bit-exact runs need eager mode.
     """
     heads = tables[0].shape[1]
     table = torch.cat(list(tables), dim=1) if len(tables) > 1 else tables[0]  # (T, L*heads)
-    bias = table[index]  # (N, N, L*heads)
+    n = index.shape[0]
+    bias = nn.functional.embedding(index, table)  # (N, N, L*heads)
     if ids_keep is not None:
-        bias = bias[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, K, K, L*heads)
+        # Row-major (query, key) pair ids into the flattened (N*N, L*heads) bias of all tokens.
+        pair_ids = ids_keep[:, :, None] * n + ids_keep[:, None, :]
+        bias = nn.functional.embedding(pair_ids, bias.view(n * n, -1))  # (B, K, K, L*heads)
     else:
         bias = bias.unsqueeze(0)
     b, nq, nk, _ = bias.shape
@@ -185,7 +198,7 @@ class MDTv2SideInterpolater(nn.Module):
         return torch.where(token_mask.mask.unsqueeze(-1), x_side, x)
 
 
-class MDTv2Transformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""MDTv2: the asymmetric masked diffusion transformer with a side-interpolater.
 
     Layout (``E = num_layers - num_decoder_layers`` encoder blocks):
@@ -269,10 +282,13 @@ class MDTv2Transformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterM
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}.")
-        if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_attention_heads={num_attention_heads}.")
+        owner = type(self).__name__
+        check_common_model_args(
+            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+            widths=[("hidden_size", hidden_size, "num_attention_heads", num_attention_heads)],
+            depths=[("num_layers", num_layers, 3), ("num_decoder_layers", num_decoder_layers, 1)],
+        )
+        check_number_arg(owner, "mlp_ratio", mlp_ratio, 0.0, 64.0, low_open=True)
         num_encoder_layers = num_layers - num_decoder_layers
         if num_decoder_layers < 1 or num_encoder_layers < 2 or num_encoder_layers % 2:
             raise ValueError(
@@ -388,13 +404,13 @@ class MDTv2Transformer2DModel(PresetMixin, ModelMixin, ConfigMixin, PeftAdapterM
                 training draws it per batch from `mask_ratio_range`; 0 at inference (no side-interpolater).
             generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
             ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
-                mask (``mask_ratio`` is then ignored).
+                mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
+                (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
             return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
         """
         check_image_input(self, hidden_states)
-        check_masking_args(mask_ratio, ids_keep, self.num_tokens)
-        if encoder_hidden_states is not None:
-            raise ValueError("MDTv2Transformer2DModel is class-conditional; it takes no encoder_hidden_states.")
+        ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
+        check_no_text_input(self, encoder_hidden_states)
         b, _, h, w = hidden_states.shape
         device = hidden_states.device
         timestep = prepare_timestep(timestep, b, device)

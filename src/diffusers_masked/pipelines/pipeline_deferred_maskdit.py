@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from diffusers import EDMEulerScheduler
@@ -11,7 +12,9 @@ from diffusers.schedulers import SchedulerMixin
 
 from ..loaders import MaskedTransformerLoraLoaderMixin
 from ..models.transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel
-from .pipeline_base import MaskedTransformerPipelineBase
+from .pipeline_base import MaskedTransformerPipelineBase, _is_int
+
+logger = logging.getLogger(__name__)
 
 
 def default_deferred_maskdit_scheduler() -> EDMEulerScheduler:
@@ -27,10 +30,23 @@ def encode_texts(
     text_encoder, tokenizer, texts: List[str], max_sequence_length: int = 77, device: Optional[torch.device] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Caption tokens of ``texts``: the text encoder's last hidden state (B, L, width) and the attention mask (B, L),
-    padded to the longest text (at most ``max_sequence_length`` tokens). Used by the pipeline and by the training
-    recipe, which caches the embeddings of its fixed captions once."""
+    padded to the longest text (at most ``max_sequence_length`` tokens; longer texts are truncated with a warning).
+    Used by the pipeline and by the training recipe, which caches the embeddings of its fixed captions once."""
+    if not _is_int(max_sequence_length) or max_sequence_length < 1:
+        raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}.")
     max_length = min(max_sequence_length, getattr(tokenizer, "model_max_length", max_sequence_length))
-    tokens = tokenizer(list(texts), padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
+    texts = list(texts)
+    tokens = tokenizer(texts, padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
+    # The untruncated lengths tell whether anything was cut (one extra tokenizer call; the encoder dominates).
+    full_ids = tokenizer(texts, padding=False, truncation=False, verbose=False)["input_ids"]
+    for i, ids in enumerate(full_ids):
+        if len(ids) > max_length:
+            dropped = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True)
+            logger.warning(
+                "Prompt %d has %d tokens but only %d are used (max_sequence_length=%d, tokenizer limit %s); this part "
+                "was truncated: %r",
+                i, len(ids), max_length, max_sequence_length, getattr(tokenizer, "model_max_length", None), dropped,
+            )
     encoder_device = getattr(text_encoder, "device", None) or device
     ids = tokens["input_ids"].to(encoder_device)
     mask = tokens["attention_mask"].to(encoder_device)
@@ -50,17 +66,22 @@ class DeferredMaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLo
     Classifier-free guidance uses an all-zero caption embedding as the unconditional input (as MicroDiT's training
     drops captions), or ``negative_prompt`` when given.
 
-    The default scheduler is `EDMEulerScheduler` with ``sigma_data=0.9`` (`default_deferred_maskdit_scheduler`); any
+    MicroDiT's scheduler is `EDMEulerScheduler` with ``sigma_data=0.9`` (`default_deferred_maskdit_scheduler`); any
     EDM scheduler with the same ``sigma_data`` (e.g. `EDMDPMSolverMultistepScheduler`) works too.
 
     Args:
-        transformer ([`DeferredMaskDiTTransformer2DModel`]): The denoiser.
-        scheduler ([`SchedulerMixin`], *optional*): Matches the training objective; EDM (sigma_data 0.9) if omitted.
+        transformer ([`DeferredMaskDiTTransformer2DModel`]): The denoiser (`None` for a pipeline that only encodes
+            prompts).
+        scheduler ([`SchedulerMixin`]): Matches the training objective (e.g. `default_scheduler()`, EDM with
+            sigma_data 0.9). `None` stays None: set ``pipe.scheduler`` before sampling. It has no default because
+            `DiffusionPipeline.from_pretrained` ignores a passed component whose argument has one.
         vae ([`AutoencoderKL`], *optional*): Decodes latents to images; `None` for a pixel-space model.
         text_encoder (`transformers.PreTrainedModel`, *optional*): Caption encoder (e.g. the MiniLM of
             `diffusers_masked.utils.load_default_text_encoder`).
         tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*): Its tokenizer.
         id2label (`dict`, *optional*): Class id -> name for class-conditional models.
+        training_objective (`str` or `dict`, *optional*): What the transformer was trained to predict (see
+            `MaskDiTPipeline`); saved with the pipeline, a mismatching scheduler gets a warning.
     """
 
     _optional_components = ["vae", "text_encoder", "tokenizer", "scheduler"]
@@ -69,23 +90,23 @@ class DeferredMaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLo
     def __init__(
         self,
         transformer: DeferredMaskDiTTransformer2DModel,
-        scheduler: Optional[SchedulerMixin] = None,
+        scheduler: Optional[SchedulerMixin],
         vae: Optional[AutoencoderKL] = None,
         text_encoder=None,
         tokenizer=None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
+        training_objective: Union[None, str, Mapping[str, Any]] = None,
     ):
         super().__init__()
-        if scheduler is None:
-            scheduler = default_deferred_maskdit_scheduler()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
         self._setup_labels(id2label)
+        self._setup_training_objective(training_objective)
 
     @staticmethod
     def default_scheduler() -> EDMEulerScheduler:
-        """The scheduler used when none is given (see `default_deferred_maskdit_scheduler`)."""
+        """MicroDiT's sampler as a diffusers scheduler (see `default_deferred_maskdit_scheduler`)."""
         return default_deferred_maskdit_scheduler()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -116,12 +137,20 @@ class DeferredMaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLo
         mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
         return embeds, mask
 
+    def _caption_width(self) -> Tuple[Optional[int], str]:
+        # The transformer decides what it can read; an encode-only pipeline has just the text encoder's width.
+        if self.transformer is not None:
+            return self.transformer.config.caption_channels, "caption_channels of the transformer"
+        if self.text_encoder is not None:
+            return getattr(self.text_encoder.config, "hidden_size", None), "hidden size of the text encoder"
+        return None, "any width"
+
     def _check_embeds(self, embeds: torch.Tensor, mask: Optional[torch.Tensor], what: str) -> torch.Tensor:
-        c = self.transformer.config.caption_channels
-        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != c:
+        c, source = self._caption_width()
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or (c is not None and embeds.shape[-1] != c):
             shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise ValueError(
-                f"{what} must have shape (batch, tokens, {c}) (caption_channels of the transformer), got {shape}. "
+                f"{what} must have shape (batch, tokens, {c}) ({source}), got {shape}. "
                 "The text encoder's hidden size must equal the transformer's caption_channels."
             )
         if mask is None:
@@ -156,20 +185,26 @@ class DeferredMaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLo
                 Precomputed text-encoder last hidden states.
             prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor` of shape (B, L), *optional*):
                 1 for real tokens, 0 for padding; all ones when omitted.
-            max_sequence_length (`int`, defaults to 77): Longer prompts are truncated.
+            max_sequence_length (`int`, defaults to 77): Longer prompts are truncated (with a warning).
 
         Returns:
             ``(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)``, the
             negatives `None` without guidance; prompt and negative have the same token length so they can be batched.
+            The embeddings have the text encoder's dtype (the transformer's without a text encoder).
         """
         device = device or self._execution_device
-        dtype = self.transformer.dtype
+        if self.text_encoder is not None:
+            dtype = self.text_encoder.dtype
+        elif self.transformer is not None:
+            dtype = self.transformer.dtype
+        else:
+            dtype = prompt_embeds.dtype if isinstance(prompt_embeds, torch.Tensor) else torch.float32
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}.")
         if prompt is not None:
             prompt_embeds, prompt_attention_mask = self._encode_texts(
                 self._as_text_list(prompt, "prompt"), max_sequence_length, device
@@ -243,7 +278,7 @@ class DeferredMaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLo
                 ``uncond + s * (cond - uncond)`` on the network output; <= 1 disables guidance.
             num_inference_steps (`int`, defaults to 30): Denoising steps.
             num_images_per_prompt (`int`, defaults to 1): Images per prompt / class label.
-            generator (`torch.Generator`, *optional*): For reproducible sampling.
+            generator (`torch.Generator` or a list of them, one per image, *optional*): For reproducible sampling.
             latents (`torch.Tensor`, *optional*): Initial unit-variance noise of shape (B, C, H, W).
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask: Precomputed
                 caption tokens and masks instead of prompts (see `encode_prompt`).
@@ -255,6 +290,7 @@ class DeferredMaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLo
         Returns:
             [`~pipelines.ImagePipelineOutput`] with ``images``.
         """
+        self.check_inputs(output_type, num_inference_steps, guidance_scale, num_images_per_prompt, latents)
         device = self._execution_device
         use_cfg = guidance_scale > 1
         cfg = self.transformer.config

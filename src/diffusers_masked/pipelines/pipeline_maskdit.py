@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from diffusers.models import AutoencoderKL
@@ -22,12 +22,17 @@ class MaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoader
 
     Args:
         transformer ([`MaskDiTTransformer2DModel`]): The denoiser.
-        scheduler ([`SchedulerMixin`]): Any diffusers scheduler that matches the training objective.
+        scheduler ([`SchedulerMixin`]): Any diffusers scheduler that matches the training objective (`None` is kept
+            as None: set ``pipe.scheduler`` before sampling).
         vae ([`AutoencoderKL`], *optional*): Decodes latents to images; `None` for a pixel-space model.
         id2label (`dict`, *optional*): Class id -> name (comma-separated synonyms allowed), enables class names.
+        training_objective (`str` or `dict`, *optional*): What the transformer was trained to predict (``"edm"``,
+            ``"epsilon"``, ``"v_prediction"`` or a `diffusers_masked.utils.describe_training_objective` dict); saved
+            in model_index.json, and a scheduler that does not match it gets a warning. Default: the objective the
+            given scheduler implies.
     """
 
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
 
     def __init__(
         self,
@@ -35,10 +40,12 @@ class MaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoader
         scheduler: SchedulerMixin,
         vae: Optional[AutoencoderKL] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
+        training_objective: Union[None, str, Mapping[str, Any]] = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         self._setup_labels(id2label)
+        self._setup_training_objective(training_objective)
 
     @torch.no_grad()
     def __call__(
@@ -55,13 +62,13 @@ class MaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoader
     ):
         r"""
         Args:
-            class_labels (`int`, `str`, list of them, or `torch.Tensor`): Class ids or names (names need
-                ``id2label``). Required for class-conditional models.
+            class_labels (`int`, `str`, list (nested lists are flattened) of them, or `torch.Tensor`): Class ids or
+                names (names need ``id2label``). Required for class-conditional models.
             guidance_scale (`float`, defaults to 1.5): Classifier-free guidance scale as in DiT / MaskDiT
                 (``uncond + s * (cond - uncond)`` on the noise prediction); <= 1 disables guidance.
             num_inference_steps (`int`, defaults to 40): Denoising steps.
             num_images_per_prompt (`int`, defaults to 1): Images per class label.
-            generator (`torch.Generator`, *optional*): For reproducible sampling.
+            generator (`torch.Generator` or a list of them, one per image, *optional*): For reproducible sampling.
             latents (`torch.Tensor`, *optional*): Initial unit-variance noise of shape (B, C, H, W).
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` or a tuple.
@@ -70,6 +77,7 @@ class MaskDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoader
         Returns:
             [`~pipelines.ImagePipelineOutput`] with ``images``.
         """
+        self.check_inputs(output_type, num_inference_steps, guidance_scale, num_images_per_prompt, latents)
         n, cond, uncond = self._class_conditioning(class_labels, num_images_per_prompt, guidance_scale, batch_size)
         latents = self._denoise(n, cond, uncond, guidance_scale, num_inference_steps, generator, latents)
         return self._decode(latents, output_type, return_dict)

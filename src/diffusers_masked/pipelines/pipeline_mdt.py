@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from diffusers import DDPMScheduler
@@ -12,9 +12,27 @@ from diffusers.schedulers import SchedulerMixin
 
 from ..loaders import MaskedTransformerLoraLoaderMixin
 from ..models.transformer_mdt import MDTv2Transformer2DModel
+from ..utils.schedulers import scheduler_family
 from .pipeline_base import MaskedTransformerPipelineBase
 
 GUIDANCE_SCHEDULES = ("power-cosine", "constant")
+
+
+def power_cosine_guidance_at_progress(
+    guidance_scale: float, power: float, progress: Union[float, torch.Tensor]
+) -> Union[float, torch.Tensor]:
+    """MDT's classifier-free guidance scale at sampling progress ``progress`` in [0, 1] (0: pure noise, 1: done).
+
+    ``w = (guidance_scale - 1) * (1 - cos(pi * progress ** power)) / 2 + 1``: 1 (no guidance) at the start,
+    ``guidance_scale`` at the end. A large ``power`` keeps guidance off for most of the noisy steps (more diversity;
+    the paper's FID setting is 3.8 with power 4), a small one makes it nearly constant (quality; the demo uses 4.0
+    with power 0.01). Returns a float for a number and a tensor for a tensor.
+    """
+    if isinstance(progress, torch.Tensor):
+        frac = progress.double().clamp(0.0, 1.0) ** power
+        return (guidance_scale - 1.0) * (1.0 - torch.cos(math.pi * frac)) / 2.0 + 1.0
+    frac = min(1.0, max(0.0, float(progress))) ** power
+    return (guidance_scale - 1.0) * (1.0 - math.cos(math.pi * frac)) / 2.0 + 1.0
 
 
 def power_cosine_guidance_scale(
@@ -23,18 +41,12 @@ def power_cosine_guidance_scale(
     t: Union[float, int, torch.Tensor],
     num_train_timesteps: int = 1000,
 ) -> Union[float, torch.Tensor]:
-    """MDT's classifier-free guidance scale at training timestep ``t``.
-
-    ``w(t) = (guidance_scale - 1) * (1 - cos(pi * (1 - t / T) ** power)) / 2 + 1``: 1 (no guidance) at ``t = T``,
-    ``guidance_scale`` at ``t = 0``. A large ``power`` keeps guidance off for most of the noisy steps (more diversity;
-    the paper's FID setting is 3.8 with power 4), a small one makes it nearly constant (quality; the demo uses 4.0
-    with power 0.01). Returns a float for a number ``t`` and a tensor for a tensor ``t``.
-    """
+    """MDT's guidance scale at DDPM training timestep ``t``, as the official code defines it: the progress is
+    ``1 - t / T`` (see `power_cosine_guidance_at_progress`), so ``w = guidance_scale`` at ``t = 0`` and 1 at
+    ``t = T``."""
     if isinstance(t, torch.Tensor):
-        frac = (1.0 - t.double() / num_train_timesteps).clamp(min=0.0) ** power
-        return (guidance_scale - 1.0) * (1.0 - torch.cos(math.pi * frac)) / 2.0 + 1.0
-    frac = max(0.0, 1.0 - float(t) / num_train_timesteps) ** power
-    return (guidance_scale - 1.0) * (1.0 - math.cos(math.pi * frac)) / 2.0 + 1.0
+        return power_cosine_guidance_at_progress(guidance_scale, power, 1.0 - t.double() / num_train_timesteps)
+    return power_cosine_guidance_at_progress(guidance_scale, power, 1.0 - float(t) / num_train_timesteps)
 
 
 class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMixin):
@@ -43,16 +55,24 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
     MDT is trained with guided-diffusion's DDPM objective (epsilon + learned-range variance, linear betas 1e-4..0.02,
     1000 steps). The paper samples with 250 DDPM steps: `DDPMScheduler(variance_type="learned_range",
     timestep_spacing="linspace", clip_sample=False)` (see `default_scheduler`), which uses the predicted variance;
-    DDIM, DPM-Solver++ and other DDPM-family schedulers work too and get the noise prediction only.
+    DDIM, DPM-Solver++ and other DDPM-family schedulers work too and get the noise prediction only; so do EDM
+    schedulers for an MDTv2 trained with the EDM objective.
+
+    The power-cosine guidance schedule is a function of the sampling progress: ``1 - t / T`` for schedulers whose
+    timesteps are DDPM training steps (exactly the official schedule), the fraction of steps done for the others
+    (EDM schedulers, whose timesteps are ``ln(sigma) / 4``).
 
     Args:
         transformer ([`MDTv2Transformer2DModel`]): The denoiser.
-        scheduler ([`SchedulerMixin`]): A DDPM-family scheduler matching the training noise schedule.
+        scheduler ([`SchedulerMixin`]): A scheduler matching the training objective (`None` is kept as None: set
+            ``pipe.scheduler`` before sampling).
         vae ([`AutoencoderKL`], *optional*): Decodes latents to images; `None` for a pixel-space model.
         id2label (`dict`, *optional*): Class id -> name (comma-separated synonyms allowed), enables class names.
+        training_objective (`str` or `dict`, *optional*): What the transformer was trained to predict (see
+            `MaskDiTPipeline`); saved with the pipeline, a mismatching scheduler gets a warning.
     """
 
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
 
     def __init__(
         self,
@@ -60,10 +80,12 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
         scheduler: SchedulerMixin,
         vae: Optional[AutoencoderKL] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
+        training_objective: Union[None, str, Mapping[str, Any]] = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         self._setup_labels(id2label)
+        self._setup_training_objective(training_objective)
         self._guidance_power = 4.0
         self._guidance_schedule = "power-cosine"
 
@@ -80,12 +102,20 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
             timestep_spacing="linspace",
         )
 
+    def sampling_progress(self, step_index: int, timestep: torch.Tensor) -> float:
+        """How far sampling has come at one step, in [0, 1]: ``1 - t / num_train_timesteps`` where the timesteps are
+        DDPM training steps (the official MDT definition), else ``step_index / (number of steps - 1)``."""
+        if scheduler_family(self.scheduler) == "ddpm":
+            return 1.0 - float(timestep) / self.scheduler.config.num_train_timesteps
+        num_steps = getattr(self, "_num_timesteps", None) or len(self.scheduler.timesteps)
+        return 1.0 if num_steps <= 1 else step_index / (num_steps - 1)
+
     def guidance_scale_at(self, guidance_scale: float, step_index: int, timestep: torch.Tensor) -> float:
-        """Guidance scale at one step: MDT's power-cosine of the training timestep, or constant."""
+        """Guidance scale at one step: MDT's power-cosine of the sampling progress, or constant."""
         if self._guidance_schedule == "constant":
             return guidance_scale
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        return power_cosine_guidance_scale(guidance_scale, self._guidance_power, float(timestep), num_train_timesteps)
+        progress = self.sampling_progress(step_index, timestep)
+        return power_cosine_guidance_at_progress(guidance_scale, self._guidance_power, progress)
 
     @torch.no_grad()
     def __call__(
@@ -105,16 +135,16 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
     ):
         r"""
         Args:
-            class_labels (`int`, `str`, list of them, or `torch.Tensor`): Class ids or names (names need
-                ``id2label``). Required for class-conditional models.
+            class_labels (`int`, `str`, list (nested lists are flattened) of them, or `torch.Tensor`): Class ids or
+                names (names need ``id2label``). Required for class-conditional models.
             guidance_scale (`float`, defaults to 3.8): Final classifier-free guidance scale (``uncond + w * (cond -
                 uncond)`` on the noise prediction); <= 1 disables guidance. 3.8 is the paper's FID setting.
             guidance_power (`float`, defaults to 4.0): Power of the power-cosine schedule (see
-                `power_cosine_guidance_scale`); the official demo uses 4.0 / 0.01 for scale / power.
+                `power_cosine_guidance_at_progress`); the official demo uses 4.0 / 0.01 for scale / power.
             guidance_schedule (`str`, defaults to `"power-cosine"`): ``"power-cosine"`` (MDT) or ``"constant"`` (DiT).
             num_inference_steps (`int`, defaults to 250): Denoising steps (the paper uses 250 DDPM steps).
             num_images_per_prompt (`int`, defaults to 1): Images per class label.
-            generator (`torch.Generator`, *optional*): For reproducible sampling.
+            generator (`torch.Generator` or a list of them, one per image, *optional*): For reproducible sampling.
             latents (`torch.Tensor`, *optional*): Initial noise of shape (B, C, H, W).
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` or a tuple.
@@ -126,15 +156,19 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
         Returns:
             [`~pipelines.ImagePipelineOutput`] with ``images``.
         """
+        self.check_inputs(output_type, num_inference_steps, guidance_scale, num_images_per_prompt, latents)
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
-        if not isinstance(guidance_power, (int, float)) or guidance_power <= 0:
-            raise ValueError(f"guidance_power must be a positive number, got {guidance_power!r}.")
-        if guidance_schedule == "power-cosine" and hasattr(self.scheduler, "precondition_inputs"):
-            # EDM schedulers pass c_noise, not a training step, so the schedule's t / T would be meaningless.
+        if (isinstance(guidance_power, bool) or not isinstance(guidance_power, (int, float))
+                or not math.isfinite(guidance_power) or guidance_power <= 0):
+            raise ValueError(f"guidance_power must be a positive finite number, got {guidance_power!r}.")
+        if guidance_channels is not None and (
+            isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int)
+            or not 1 <= guidance_channels <= self.transformer.config.in_channels
+        ):
             raise ValueError(
-                "The power-cosine guidance schedule needs a DDPM-family scheduler (integer training timesteps); "
-                f"got {type(self.scheduler).__name__}. Use guidance_schedule='constant' or a DDPM/DDIM/DPM-Solver scheduler."
+                f"guidance_channels must be an integer in 1..{self.transformer.config.in_channels} (the latent "
+                f"channels) or None, got {guidance_channels!r}."
             )
         self._guidance_power = float(guidance_power)
         self._guidance_schedule = guidance_schedule

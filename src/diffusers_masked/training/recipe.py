@@ -59,10 +59,17 @@ class TrainingRecipe:
     demo_model_config: Dict[str, Any] = {}
     demo_defaults: Dict[str, Any] = {}
     conditioning = "class"
+    #: Help of --mask_ratio for a recipe whose unset --mask_ratio means something other than
+    #: ``default_mask_ratio`` (the flag then defaults to None); None = "the ratio, default default_mask_ratio".
+    mask_ratio_help: Optional[str] = None
 
     # ---- flags -------------------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Model-specific flags."""
+
+    def check_args(self, args: argparse.Namespace, error) -> None:
+        """Check the model-specific flags before anything loads; ``error(message)`` exits with a usage error
+        (``parser.error``). The message names the flag, the value and the fix."""
 
     # ---- construction ------------------------------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:

@@ -111,6 +111,8 @@ class MDTv2Recipe(TrainingRecipe):
     model_card = "mdtv2.md"
     default_objective = "epsilon"
     default_mask_ratio = MDTv2Transformer2DModel.default_mask_ratio
+    mask_ratio_help = ("Fix the share of masked tokens (MDT v1 style); default: one ratio per batch drawn from "
+                       "--mask_ratio_range (MDTv2).")
     # Small model for the no-argument CPU run on Fashion-MNIST (28 x 28 pixels, 1 channel; 7 x 7 tokens).
     demo_model_config: Dict[str, Any] = dict(
         patch_size=4, hidden_size=128, num_layers=6, num_decoder_layers=2, num_attention_heads=4
@@ -140,6 +142,17 @@ class MDTv2Recipe(TrainingRecipe):
         parser.add_argument("--use_adan", action="store_true",
                             help="Adan optimizer (betas 0.98/0.92/0.99) as the official MDTv2 training; lr, weight "
                             "decay and epsilon come from --learning_rate / --adam_weight_decay / --adam_epsilon.")
+
+    def check_args(self, args: argparse.Namespace, error) -> None:
+        low, high = args.mask_ratio_range
+        if not 0.0 <= low <= high < 1.0:
+            paper = " ".join(f"{v:g}" for v in MDTv2Transformer2DModel.mask_ratio_range)
+            error(f"--mask_ratio_range {low:g} {high:g}: LOW and HIGH must satisfy 0 <= LOW <= HIGH < 1 "
+                  f"(MDTv2's default: {paper}).")
+        if args.mask_ratio_levels < 0:
+            error(f"--mask_ratio_levels {args.mask_ratio_levels}: must be >= 0 (0 = continuous ratios).")
+        if args.num_decoder_layers is not None and args.num_decoder_layers < 1:
+            error(f"--num_decoder_layers {args.num_decoder_layers}: must be >= 1.")
 
     #: Set by `setup` with --split_branch_backward: ``backward_part(closure)`` runs a branch's forward and
     #: backward at once (see `DiffusionTrainer.backward_part`).

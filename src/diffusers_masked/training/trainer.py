@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -31,9 +32,23 @@ from .data import (
     LatentCacheDataset,
     build_latent_cache,
     class_names,
+    collate_batch,
     infer_image_geometry,
     load_image_dataset,
     sample_latents,
+)
+from .checkpointing import (
+    OutputDirLock,
+    UnsafeCheckpointError,
+    accelerate_view_without,
+    check_accelerate_pickles,
+    delete_checkpoint,
+    explain_refused_pickle,
+    legacy_custom_states,
+    load_state,
+    remove_leftovers,
+    safe_torch_load,
+    save_state,
 )
 from .objectives import DDPMObjective
 from .recipe import TrainingRecipe
@@ -45,11 +60,23 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # ----------------------------------------------------------------------------------------------------------------
 # Flags
 # ----------------------------------------------------------------------------------------------------------------
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it informs: not when the help already says what the default is (a None
+    default means "decided later", which the help states in words) and not for off-by-default switches."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"Train a {recipe.name} masked diffusion transformer. With no flags: a small model on the "
         "embedded Fashion-MNIST data set, on whatever device is there.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None, help="HF datasets name (Hub or local script).")
@@ -75,13 +102,15 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
                    "config.json path; default: the recipe's small demo model.")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Start from the transformer of a saved pipeline folder (or Hub id).")
-    g.add_argument("--objective", type=str, default=None, choices=["edm", "epsilon", "v_prediction"],
-                   help=f"Diffusion objective (default: {recipe.default_objective}).")
-    g.add_argument("--mask_ratio", type=float, default=None, help=f"Share of tokens masked in training "
-                   f"(default {recipe.default_mask_ratio}).")
+    g.add_argument("--objective", type=str, default=recipe.default_objective, choices=["edm", "epsilon", "v_prediction"],
+                   help="Diffusion objective.")
+    # A recipe that draws the ratio per batch (MDTv2) keeps None as the default and says so in mask_ratio_help.
+    g.add_argument("--mask_ratio", type=float, default=None if recipe.mask_ratio_help else recipe.default_mask_ratio,
+                   help=recipe.mask_ratio_help or "Share of tokens masked in training.")
+    # Help strings are %-format templates: a literal percent sign must be written %%.
     g.add_argument("--unmasked_finetune_steps", type=int, default=None,
                    help="The last N steps train without masking (and without the MAE term); default: "
-                   f"{recipe.default_unmasked_finetune_fraction:.0%} of --max_train_steps.")
+                   f"{recipe.default_unmasked_finetune_fraction * 100:.0f}%% of --max_train_steps.")
     g.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Label dropout for classifier-free guidance (default: the model config's).")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -126,7 +155,8 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
                    help="Multi-GPU DDP only: all-reduce gradients in this precision (halves the traffic; the sum is "
                    "rounded) instead of float32.")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
-                   help="Keep an EMA of the weights (used for sampling and the saved pipeline); --no-use_ema turns off a default.")
+                   help="Keep an EMA of the weights (used for sampling and the saved pipeline); --no-use_ema "
+                   "turns it off.")
     g.add_argument("--ema_decay", type=float, default=0.9999)
 
     g = p.add_argument_group("checkpoints, logging, validation")
@@ -168,34 +198,146 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argparse.Namespace:
-    args = build_parser(recipe).parse_args(argv)
-    if args.unmasked_finetune_steps is None:
-        args.unmasked_finetune_steps = int(recipe.default_unmasked_finetune_fraction * args.max_train_steps)
-    checks = [
-        (args.train_batch_size >= 1, "--train_batch_size must be >= 1"),
-        (args.max_train_steps >= 1, "--max_train_steps must be >= 1"),
-        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
-        (0 <= args.unmasked_finetune_steps <= args.max_train_steps,
-         "--unmasked_finetune_steps must be between 0 and --max_train_steps"),
-        (args.mask_ratio is None or 0 <= args.mask_ratio < 1, "--mask_ratio must be in [0, 1)"),
-        (args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1"),
-        (not args.cache_latents or args.vae_path, "--cache_latents needs --vae_path"),
-        (args.learning_rate > 0, "--learning_rate must be > 0"),
-        (args.lora_rank >= 0, "--lora_rank must be >= 0"),
-        (not args.lora_rank or args.pretrained_model_name_or_path,
-         "--lora_rank needs --pretrained_model_name_or_path: the trained pipeline (folder or Hub id) to adapt"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+def _explicit_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> set:
+    """Destinations of the flags the user actually passed (a demo default such as --use_ema is not one)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    saved_defaults = dict(parser._defaults)
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        return set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+        parser._defaults.update(saved_defaults)
+
+
+def _model_config_for_checks(recipe: TrainingRecipe, args: argparse.Namespace, error) -> Dict[str, Any]:
+    """The model config that --model_config / --pretrained_model_name_or_path / the demo default names, read without
+    building anything (JSON only); a bad --model_config is a usage error that lists the presets."""
+    spec = args.model_config
+    if args.pretrained_model_name_or_path:
+        path = Path(args.pretrained_model_name_or_path) / "transformer" / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+    if spec is None:
+        return dict(recipe.demo_model_config)
+    presets = ", ".join(recipe.model_cls.available_presets())
+    if os.path.isdir(spec):
+        error(f"--model_config {spec} is a folder; pass its config.json file, or a preset ({presets}).")
+    if os.path.isfile(spec):
+        try:
+            config = json.loads(Path(spec).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            error(f"--model_config {spec} is not a readable JSON config ({err}); fix the file or pass a preset "
+                  f"({presets}).")
+        if not isinstance(config, dict):
+            error(f"--model_config {spec} holds a JSON {type(config).__name__}, not a config object.")
+        return config
+    try:
+        return recipe.model_cls.preset_config(spec)
+    except ValueError:
+        pass
+    # Presets hold one slash ("XL/2", "DiT-XL/2"); anything else path-like is a missing file.
+    if spec.lower().endswith(".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        error(f"--model_config {spec}: the file does not exist. Pass an existing config.json or a preset "
+              f"({presets}).")
+    error(f"--model_config {spec}: unknown preset; choose one of {presets}, or pass a config.json path.")
+
+
+def _first_image_file(root: Path) -> Optional[Path]:
+    """Any image file under ``root`` (stops at the first one, so a large folder costs nothing)."""
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if os.path.splitext(name)[1].lower() in extensions and not name.startswith("."):
+                return Path(folder) / name
+    return None
+
+
+def _check_args(recipe: TrainingRecipe, args: argparse.Namespace, error) -> None:
+    """Usage errors, found before anything loads: each names the flag, the value and the fix."""
+    positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                "logging_steps", "validation_inference_steps", "eval_num_samples", "eval_batch_size"]
+    for name in positive:
+        value = getattr(args, name)
+        if value < 1:
+            error(f"--{name} {value}: must be >= 1.")
+    for name in ("lora_rank", "lr_warmup_steps", "validation_steps", "eval_every_steps", "dataloader_num_workers",
+                 "validation_images_per_class"):
+        value = getattr(args, name)
+        if value < 0:
+            error(f"--{name} {value}: must be >= 0.")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        error(f"--stop_after_steps {args.stop_after_steps}: must be >= 1 (leave it out to train to --max_train_steps).")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        error(f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be >= 1 (leave it out to keep all).")
+    if not 0 <= args.unmasked_finetune_steps <= args.max_train_steps:
+        error(f"--unmasked_finetune_steps {args.unmasked_finetune_steps}: must be between 0 and --max_train_steps "
+              f"({args.max_train_steps}).")
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
+        error(f"--mask_ratio {args.mask_ratio:g}: the share of masked tokens must be in [0, 1) (e.g. 0.5).")
+    if args.class_dropout_prob is not None and not 0 <= args.class_dropout_prob < 1:
+        error(f"--class_dropout_prob {args.class_dropout_prob:g}: must be in [0, 1) (e.g. 0.1).")
+    if not args.learning_rate > 0:
+        error(f"--learning_rate {args.learning_rate:g}: must be > 0.")
+    if not 0 < args.ema_decay < 1:
+        error(f"--ema_decay {args.ema_decay:g}: must be in (0, 1) (e.g. 0.9999).")
+    if args.cache_latents and not args.vae_path:
+        error("--cache_latents needs --vae_path: latents are cached from a VAE (pixel-space runs need no cache).")
+    if args.lora_rank and not args.pretrained_model_name_or_path:
+        error("--lora_rank needs --pretrained_model_name_or_path: the trained pipeline (folder or Hub id) to adapt.")
+    if args.dataset_name and args.train_data_dir:
+        error("--dataset_name and --train_data_dir both given: pass one of them.")
+    if args.train_data_dir:
+        root = Path(args.train_data_dir)
+        if not root.is_dir():
+            error(f"--train_data_dir {root}: no such folder.")
+        if _first_image_file(root) is None:
+            error(f"--train_data_dir {root} holds no image files: put images in it (class sub-folders = labels).")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder; pass "
+              "'latest' or an OUTPUT_DIR/checkpoint-N folder.")
     if args.validation_scheduler not in (None, "saved"):
         from ..utils import scheduler_class
 
         try:
             scheduler_class(args.validation_scheduler)
         except ValueError as err:
-            raise ValueError(f"--validation_scheduler (or 'saved'): {err}") from None
+            error(f"--validation_scheduler {args.validation_scheduler}: {err} (or 'saved' for the pipeline's own).")
+    config = _model_config_for_checks(recipe, args, error)
+    patch = config.get("patch_size")
+    if args.resolution is not None and args.resolution < 1:
+        error(f"--resolution {args.resolution}: must be >= 1.")
+    side = args.resolution
+    if side is None and not (args.dataset_name or args.train_data_dir):
+        side = 28  # the embedded Fashion-MNIST
+    factor, vae_config = 1, Path(args.vae_path or "") / "config.json"
+    if args.vae_path and vae_config.is_file():
+        factor = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0])) - 1)
+    if side is not None and isinstance(patch, int) and patch > 0 and side % (patch * factor):
+        step = patch * factor
+        source = "--model_config " + args.model_config if args.model_config else (
+            "--pretrained_model_name_or_path" if args.pretrained_model_name_or_path else "the demo model")
+        vae = f" x the VAE's downsampling {factor}" if factor > 1 else ""
+        given = f"--resolution {side}" if args.resolution is not None else f"the data's size {side} (no --resolution)"
+        lower, upper = side // step * step, (side // step + 1) * step
+        fix = f"--resolution {upper}" + (f" or {lower}" if lower else "")
+        error(f"{given} is not a multiple of {step} (patch size {patch} of {source}{vae}): pass {fix}.")
+    recipe.check_args(args, error)
+
+
+def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and check the flags; a bad flag exits with a usage error (exit code 2) before anything loads."""
+    parser = build_parser(recipe)
+    args = parser.parse_args(argv)
+    args.explicit_flags = sorted(_explicit_flags(parser, argv))
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
+    if args.unmasked_finetune_steps is None:
+        args.unmasked_finetune_steps = int(recipe.default_unmasked_finetune_fraction * args.max_train_steps)
+    _check_args(recipe, args, parser.error)
     return args
 
 
@@ -232,14 +374,19 @@ class EpochBatchSampler(Sampler):
 
 
 class _TrainState:
-    """Counters and every process's noise generator, saved in each checkpoint through accelerate's custom-object hook.
+    """Counters, whole-run totals and every process's noise generator, saved in each checkpoint
+    (`checkpointing.save_state`).
 
-    accelerate writes custom objects from the main process only, but calls `state_dict` on every process: the
-    generator states of all processes are gathered there, so each one resumes its own noise / mask stream."""
+    The main process writes it, but `state_dict` runs on every process: the generator states of all processes are
+    gathered there, so each one resumes its own noise / mask stream. The totals (images seen, training seconds, last
+    logged loss) let a resumed run report the whole run, not its last segment."""
 
     def __init__(self, generator: torch.Generator):
         self.global_step = 0
         self.generator = generator
+        self.images_seen = 0
+        self.train_seconds = 0.0  # training time of the segments before this one (sampling / evaluation left out)
+        self.last_loss: Optional[float] = None
 
     def state_dict(self) -> Dict[str, Any]:
         from accelerate import PartialState
@@ -247,12 +394,18 @@ class _TrainState:
 
         state = self.generator.get_state()
         states = gather_object([state]) if PartialState().num_processes > 1 else [state]
-        return {"global_step": self.global_step, "generators": states}
+        last_loss = self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None
+        return {"global_step": self.global_step, "generators": states, "images_seen": self.images_seen,
+                "train_seconds": self.train_seconds, "last_loss": last_loss}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         from accelerate import PartialState
 
         self.global_step = int(state["global_step"])
+        self.images_seen = int(state.get("images_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        last = state.get("last_loss")
+        self.last_loss = float(last) if last is not None else None
         partial = PartialState()
         states = state.get("generators", [state.get("generator")])
         if len(states) != partial.num_processes:
@@ -325,8 +478,19 @@ class Trainer:
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(args.seed)
+        self.lock = OutputDirLock(self.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # before any work: a second run on this folder stops here
+            remove_leftovers(self.output_dir)
+        try:
+            self._build(args)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, args: argparse.Namespace) -> None:
+        recipe = self.recipe
         device = self.accelerator.device
         # One generator for every random draw of the step (noise, sigma, masks, label dropout, flips), distinct per
         # process and saved in checkpoints: resuming continues the same random stream.
@@ -397,7 +561,7 @@ class Trainer:
         acc = self.accelerator
         self.sampler = EpochBatchSampler(len(self.train_dataset), args.train_batch_size, acc.num_processes,
                                          acc.process_index, args.seed)
-        self.dataloader = DataLoader(self.train_dataset, batch_sampler=self.sampler,
+        self.dataloader = DataLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=collate_batch,
                                      num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available())
 
     def _load_vae(self) -> None:
@@ -455,17 +619,18 @@ class Trainer:
                                          lora_dropout=args.lora_dropout, init_lora_weights="gaussian",
                                          target_modules=targets))
             if args.use_ema:
-                logger.warning("--use_ema is ignored in a LoRA run (only the adapter trains).")
+                if "use_ema" in getattr(args, "explicit_flags", ()):  # not when only the demo default turned it on
+                    logger.warning("--use_ema is ignored in a LoRA run (only the adapter trains).")
                 args.use_ema = False
         model.train()
         self.model = model
         self.ema = None
         if args.use_ema:
-            from diffusers.training_utils import EMAModel
+            from .ema import LerpEMAModel
 
-            # foreach: one fused update over all tensors instead of a Python loop of small kernels per step.
-            self.ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True, model_cls=type(model),
-                                model_config=model.config)
+            # diffusers' EMAModel (same state dict) whose foreach step is one lerp over all tensors (ema.py).
+            self.ema = LerpEMAModel(model.parameters(), decay=args.ema_decay, foreach=True, model_cls=type(model),
+                                    model_config=model.config)
             self.ema.to(self.accelerator.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self.build_optimizer(params)
@@ -479,9 +644,10 @@ class Trainer:
         if args.torch_compile or args.torch_compile_mode != "default":
             mode = None if args.torch_compile_mode == "default" else args.torch_compile_mode
             self.model = torch.compile(self.model, mode=mode)
-        self.accelerator.register_for_checkpointing(self.state)
+        # Saved by save_checkpoint as safetensors + JSON, not registered with accelerate (which would pickle them).
+        self.checkpoint_objects: Dict[str, Any] = {"train_state": self.state}
         if self.ema is not None:
-            self.accelerator.register_for_checkpointing(self.ema)
+            self.checkpoint_objects["ema"] = self.ema
 
     def _map_labels_to_pretrained(self, num_classes: Optional[int]) -> None:
         """Fine-tuning data may name only some of the base model's classes (e.g. one class folder): map its class
@@ -514,8 +680,10 @@ class Trainer:
             if opt is not None:
                 return opt
         fused = torch.cuda.is_available() and self.accelerator.device.type == "cuda"
+        # Off CUDA, foreach (torch's default there is a per-tensor Python loop): 16 -> 13 ms per CPU quickstart step.
         return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
+                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None,
+                                 foreach=None if fused else True)
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -529,14 +697,25 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def list_checkpoints(self) -> List[Path]:
+        """Complete checkpoints, oldest first: temporary names (being written or deleted) never match."""
         if not self.output_dir.is_dir():
             return []
         found = [(int(m.group(1)), d) for d in self.output_dir.iterdir() if d.is_dir() and (m := CHECKPOINT_RE.match(d.name))]
         return [d for _, d in sorted(found)]
 
+    def _record_totals(self) -> None:
+        """Whole-run totals up to now into the train state (saved with the next checkpoint)."""
+        seg = getattr(self, "_segment", None)
+        if seg is None:
+            return
+        step = self.state.global_step
+        self.state.images_seen = seg["images"] + (step - seg["step"]) * seg["images_per_step"]
+        self.state.train_seconds = seg["seconds"] + time.time() - seg["t0"] - self.excluded_time
+
     def save_checkpoint(self) -> Path:
-        """accelerate `save_state` into a temporary folder, then an atomic rename: a kill mid-save never leaves a
-        half-written checkpoint that `--resume_from_checkpoint latest` would pick."""
+        """accelerate `save_state` plus the trainer's own state (safetensors + JSON) into a temporary folder, then
+        an atomic rename: a kill mid-save never leaves a half-written checkpoint that `--resume_from_checkpoint
+        latest` would pick."""
         acc = self.accelerator
         step = self.state.global_step
         final = self.output_dir / f"checkpoint-{step}"
@@ -545,17 +724,74 @@ class Trainer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        self._record_totals()
+        states = {name: obj.state_dict() for name, obj in self.checkpoint_objects.items()}  # gathers on every process
+        if acc.is_main_process:
+            for name, state in states.items():
+                save_state(state, tmp, name)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
-                shutil.rmtree(final)
+                delete_checkpoint(final)
             os.replace(tmp, final)
             limit = self.args.checkpoints_total_limit
             if limit is not None:
                 for old in self.list_checkpoints()[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    delete_checkpoint(old)
         acc.wait_for_everyone()
         return final
+
+    def _resume_hint(self, path: Path) -> str:
+        """Where to resume from instead of the checkpoint ``path`` that failed: the newest older one."""
+        m = CHECKPOINT_RE.match(path.name)
+        older = [c for c in self.list_checkpoints() if c.resolve() != path.resolve()
+                 and (m is None or int(CHECKPOINT_RE.match(c.name).group(1)) < int(m.group(1)))]
+        if older:
+            return (f" The previous checkpoint is {older[-1]}: resume from it with --resume_from_checkpoint "
+                    f"{older[-1]} (delete or move {path} so that 'latest' skips it).")
+        return " There is no older checkpoint: start without --resume_from_checkpoint."
+
+    def _accelerate_load(self, path: Path, report_as: Optional[Path] = None) -> None:
+        import pickle
+
+        try:
+            # weights_only=True explicitly: accelerate's optimizer / scheduler files are pickles.
+            self.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        except pickle.UnpicklingError as err:
+            refused = explain_refused_pickle(path, err)
+            raise UnsafeCheckpointError(str(refused).replace(str(path), str(report_as or path))) from None
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Load ``path`` without unpickling anything that could run code (see checkpointing.py)."""
+        acc = self.accelerator
+        check_accelerate_pickles(path, acc.process_index)
+        legacy = legacy_custom_states(path)
+        if legacy and not (path / "train_state.json").is_file():
+            # Written before the safetensors + JSON format: accelerate would unpickle these with weights_only=False.
+            # Read them with weights_only=True instead (they held only tensors and plain values) and let accelerate
+            # load the rest through a view of the folder without them.
+            if len(legacy) != len(self.checkpoint_objects):
+                raise ValueError(f"{path} has {len(legacy)} trainer state file(s) (custom_checkpoint_*.pkl); this run "
+                                 f"has {len(self.checkpoint_objects)} ({', '.join(self.checkpoint_objects)}): "
+                                 "resume with the same --use_ema setting.")
+            states = [safe_torch_load(f) for f in legacy]  # registration order: train state, then EMA
+            with accelerate_view_without(path, [f.name for f in legacy], self.output_dir) as view:
+                self._accelerate_load(view, report_as=path)
+            for obj, state in zip(self.checkpoint_objects.values(), states):
+                obj.load_state_dict(state)
+            logger.warning("%s is in the old checkpoint format (pickled trainer state, read safely); the next "
+                           "checkpoints are written as safetensors + JSON.", path)
+            return
+        if legacy:
+            raise UnsafeCheckpointError(f"{path} holds {[f.name for f in legacy]} next to the trainer state: a "
+                                        "checkpoint of this trainer never does; it was not loaded.")
+        missing = [name for name in self.checkpoint_objects if not (path / f"{name}.json").is_file()]
+        if missing:
+            hint = " (was it written with --use_ema? resume with the same setting)" if missing == ["ema"] else ""
+            raise FileNotFoundError(f"{path} has no {', '.join(m + '.json' for m in missing)}{hint}")
+        self._accelerate_load(path)
+        for name, obj in self.checkpoint_objects.items():
+            obj.load_state_dict(load_state(path, name))
 
     def maybe_resume(self) -> None:
         spec = self.args.resume_from_checkpoint
@@ -571,21 +807,29 @@ class Trainer:
             path = Path(spec)
             if not path.is_dir():
                 raise FileNotFoundError(f"--resume_from_checkpoint {spec} is not a checkpoint folder.")
+        if self.is_fsdp:
+            logger.warning("FSDP checkpoints are read by torch.distributed.checkpoint, whose metadata file is a "
+                           "pickle: resume only FSDP checkpoints you wrote yourself.")
         try:
-            self.accelerator.load_state(str(path))
+            self._load_checkpoint(path)
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"Could not resume from {path}: {err}{self._resume_hint(path)}") from None
         except Exception as err:  # surface a clear message instead of a deep stack trace
             raise RuntimeError(
                 f"Could not resume from {path}: {err}. The checkpoint is corrupt or was written by a different model "
-                "configuration / number of processes; pick another checkpoint or start without --resume_from_checkpoint."
+                "configuration / number of processes." + self._resume_hint(path)
             ) from err
         if self.ema is not None:
-            self.ema.to(self.accelerator.device)  # load_state restores the EMA shadow weights on the CPU
+            self.ema.to(self.accelerator.device)  # the EMA shadow weights are loaded on the CPU
         logger.info("Resumed from %s at step %d.", path, self.state.global_step)
 
-    # ---- validation, saving -------------------------------------------------------------------------------------
     def make_pipeline(self):
-        return self.recipe.build_pipeline(self.unwrapped_model, self.objective.inference_scheduler(), self.vae,
+        pipe = self.recipe.build_pipeline(self.unwrapped_model, self.objective.inference_scheduler(), self.vae,
                                           self.id2label, self)
+        # Saved in model_index.json, so sampling the model with a scheduler of another objective warns.
+        if hasattr(pipe, "record_training_objective"):
+            pipe.record_training_objective(self.objective.scheduler)
+        return pipe
 
     @property
     def validation_scheduler_name(self) -> Optional[str]:
@@ -720,11 +964,19 @@ class Trainer:
 
     # ---- loop ----------------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
+        """Train; the output-folder lock is released however the run ends."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Dict[str, Any]:
         from tqdm.auto import tqdm
 
         args, acc, recipe = self.args, self.accelerator, self.recipe
         if acc.is_main_process:
-            acc.init_trackers(f"{recipe.name}", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+            acc.init_trackers(f"{recipe.name}", config={k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
         self.maybe_resume()
         if args.lora_rank and self.state.global_step == 0 and acc.is_main_process:
             self._sample_base_grid()
@@ -742,7 +994,11 @@ class Trainer:
         progress = tqdm(total=args.max_train_steps, initial=start_step, disable=not acc.is_local_main_process, desc="train")
         images_per_step = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         t0, window_t, window_steps = time.time(), time.time(), 0
-        last_loss = float("nan")
+        # Totals of the segments before this one come from the checkpoint (an old one has none: count its steps).
+        prior_images = self.state.images_seen or start_step * images_per_step
+        self._segment = {"t0": t0, "step": start_step, "images": prior_images, "seconds": self.state.train_seconds,
+                         "images_per_step": images_per_step}
+        last_loss = self.state.last_loss if self.state.last_loss is not None else float("nan")
         gen = self.state.generator
         while self.state.global_step < stop_at:
             batches_done = self.state.global_step * args.gradient_accumulation_steps
@@ -773,6 +1029,7 @@ class Trainer:
                 progress.update(1)
                 if step % args.logging_steps == 0 or step == stop_at:
                     last_loss = acc.gather(loss.detach().reshape(1)).mean().item()
+                    self.state.last_loss = last_loss
                     now = time.time()
                     ips = window_steps * images_per_step / max(now - window_t, 1e-9)
                     window_t, window_steps = now, 0
@@ -808,11 +1065,15 @@ class Trainer:
                 if step >= stop_at:
                     break
         progress.close()
-        elapsed = time.time() - t0 - self.excluded_time
-        result = {"global_step": self.state.global_step, "final_loss": last_loss, "train_time_s": elapsed,
-                  "images_per_s": (self.state.global_step - start_step) * images_per_step / max(elapsed, 1e-9),
+        self._record_totals()
+        # Whole-run totals: a resumed run reports every segment, not only this one.
+        total_s = self.state.train_seconds
+        result = {"global_step": self.state.global_step, "final_loss": last_loss, "train_time_s": total_s,
+                  "images_per_s": self.state.images_seen / max(total_s, 1e-9),
                   "finished": self.state.global_step >= args.max_train_steps or self.time_budget_reached,
-                  "images_seen": self.state.global_step * images_per_step, "num_parameters": n_params}
+                  "images_seen": self.state.images_seen, "num_parameters": n_params}
+        if not result["finished"] and acc.is_main_process:
+            self._report_stopped_early()
         if result["finished"] and self.is_fsdp:
             if acc.is_main_process:  # the sharded final checkpoint is the result (see check_fsdp_args)
                 (self.output_dir / "train_results.json").write_text(json.dumps(result, indent=2))
@@ -828,6 +1089,28 @@ class Trainer:
         if acc.num_processes > 1:
             self._release_process_group()
         return result
+
+    def _report_stopped_early(self) -> None:
+        """Say that --stop_after_steps ended the run before --max_train_steps, and how to go on."""
+        import shlex
+
+        args = self.args
+        last = self.list_checkpoints()[-1]
+        flags, items = [], iter(getattr(args, "command_line", []))
+        for item in items:
+            if item in ("--resume_from_checkpoint", "--hub_token"):
+                next(items, None)
+                flags += ["--hub_token", "YOUR_TOKEN"] if item == "--hub_token" else []  # never print a secret
+            elif item.startswith("--hub_token="):
+                flags.append("--hub_token=YOUR_TOKEN")
+            elif not item.startswith("--resume_from_checkpoint="):
+                flags.append(item)
+        own = sys.argv[0] if sys.argv else ""
+        script = own if own.endswith(".py") and not own.endswith("__main__.py") else f"train_examples/train_{self.recipe.name}.py"
+        command = shlex.join(["python", script, *flags, "--resume_from_checkpoint", "latest"])
+        message = (f"Stopped early at step {self.state.global_step} of {args.max_train_steps} (--stop_after_steps "
+                   f"{args.stop_after_steps}); no pipeline written yet. Checkpoint: {last}. Resume with:\n  {command}")
+        print(message, flush=True)
 
     def _release_process_group(self) -> None:
         """Free the DDP wrapper, the last owner of the process group, while its worker threads are idle.
