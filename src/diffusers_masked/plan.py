@@ -34,7 +34,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -408,7 +408,7 @@ def plan(name: str, preset: str, resolution: int, vae_scale: int = 8, ratio: Opt
         "flop_ratio_vs_unmasked": unmasked.flops_per_image / reduced.flops_per_image,
         "diffusers_dit": dit,
         "memory_estimate": {
-            "method": "estimate: fp32 weights + grads + AdamW states (16 B/param) + activations saved for backward "
+            "method": "estimate = fp32 weights + grads + AdamW states (16 B/param) + activations saved for backward "
                       "(bf16 autocast, counted with saved-tensor hooks on one fake batch-1 and batch-2 step, "
                       "scaled linearly in the batch); no allocator slack, workspaces or compile savings",
             "state_gib": states / 2**30, "activation_gib_per_image": act_per_image / 2**30,
@@ -443,7 +443,7 @@ def format_plan(p: Dict[str, Any]) -> str:
     lines += ["", "(FLOP bound = baseline FLOPs / reduced FLOPs: the speed-up at equal GPU efficiency; measured "
               "speed-ups are lower where the smaller kernels run less efficiently.)", ""]
     mem = p["memory_estimate"]
-    lines += [f"peak training memory, ESTIMATE ({mem['method']}):",
+    lines += [f"peak training memory per GPU, an {mem['method']}:",
               "| batch per GPU | est. peak GiB | measured x diffusers DiT (same batch) |", "|---|---|---|"]
     by_batch: Dict[int, List[str]] = {}
     for r in p["measured"]:

@@ -80,3 +80,33 @@ def test_latent_space_with_a_vae():
     pipe = make_pipe(vae=vae, in_channels=4)
     out = pipe([0], num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 8, 8, 3) and np.isfinite(out).all()
+
+
+def test_lora_save_load_and_routed_training_forward(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = make_pipe()
+    model = pipe.transformer
+    x, t, lab = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.6]), torch.tensor([1, 2])
+    with torch.no_grad():
+        base = model(x, t, class_labels=lab).sample
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+        with_lora = model(x, t, class_labels=lab).sample
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    # a routed training step reaches every adapter weight
+    model.train()
+    model(x, t, class_labels=lab, route_ratio=0.5, generator=torch.Generator().manual_seed(0)).sample.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora" in n)
+    model.eval()
+    RoutedDiTPipeline.save_lora_weights(tmp_path, get_peft_model_state_dict(model),
+                                        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+    fresh = make_pipe()
+    fresh.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh.transformer(x, t, class_labels=lab).sample, with_lora)

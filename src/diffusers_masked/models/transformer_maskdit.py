@@ -22,7 +22,17 @@ from .layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-from .masking import gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
+from .masking import (
+    check_ids_keep,
+    check_route_ratio,
+    gather_tokens,
+    random_route_ids,
+    random_token_mask,
+    resolve_route_span,
+    restore_tokens,
+    run_routed_blocks,
+    token_mask_from_ids_keep,
+)
 from .modeling_common import (
     MaskedModelMixin,
     MaskedTransformer2DModelOutput,
@@ -101,6 +111,11 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         class_dropout_prob (`float`, defaults to 0.1): Share of labels the trainer replaces by the null class.
         learn_sigma (`bool`, defaults to `False`): Predict a variance too (doubles the output channels).
         norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        route_start (`int`, *optional*): TREAD token routing inside the encoder (off unless a forward passes
+            ``route_ratio`` / ``route_ids``): first encoder block the routed tokens skip; `None` = 2 (the TREAD
+            paper's). Routing composes with masking: it picks among the tokens the mask kept.
+        route_end (`int`, *optional*): Last encoder block the routed tokens skip (inclusive); `None` =
+            ``num_layers - 4``, shrunk to fit small encoders. Negative values count from the end.
     """
 
     _supports_gradient_checkpointing = True
@@ -127,6 +142,8 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = False,
         norm_eps: float = 1e-6,
+        route_start: Optional[int] = None,
+        route_end: Optional[int] = None,
     ):
         super().__init__()
         owner = type(self).__name__
@@ -138,6 +155,7 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
             depths=[("num_layers", num_layers, 1), ("num_decoder_layers", num_decoder_layers, 0)],
         )
         check_number_arg(owner, "mlp_ratio", mlp_ratio, 0.0, 64.0, low_open=True)
+        self.route_span = resolve_route_span(num_layers, route_start, route_end, owner, blocks_name="encoder blocks")
         if out_channels is None:
             out_channels = in_channels * 2 if learn_sigma else in_channels
         self.out_channels = out_channels
@@ -194,14 +212,17 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         hidden_states: torch.Tensor,
         cond: torch.Tensor,
         ids_keep: Optional[torch.Tensor] = None,
+        route_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Encoder over the kept tokens (all tokens when ``ids_keep`` is None); returns (B, K, hidden_size)."""
+        """Encoder over the kept tokens (all tokens when ``ids_keep`` is None); returns (B, K, hidden_size).
+        ``route_ids`` (B, K'), ids into the K kept tokens, route the others past the encoder's route span."""
         x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)
-        for block in self.encoder_blocks:
-            x = maybe_checkpoint(self, block, x, cond)
-        return x
+        blocks = self.encoder_blocks
+        return run_routed_blocks(
+            x, len(blocks), lambda i, t: maybe_checkpoint(self, blocks[i], t, cond), route_ids, self.route_span
+        )
 
     def forward(
         self,
@@ -214,6 +235,8 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         generator: Optional[torch.Generator] = None,
         ids_keep: Optional[torch.LongTensor] = None,
         return_dict: bool = True,
+        route_ratio: float = 0.0,
+        route_ids: Optional[torch.LongTensor] = None,
     ) -> Union[MaskedTransformer2DModelOutput, tuple]:
         """
         Args:
@@ -229,9 +252,14 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
                 mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
                 (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
             return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
+            route_ratio (`float`, defaults to 0.0): TREAD routing inside the encoder: share of the encoder's tokens
+                (those the mask kept) that skip encoder blocks ``route_start..route_end``, in [0, 1); 0 = off.
+            route_ids (`torch.LongTensor` of shape (B, K'), *optional*): Ids, into the K tokens the encoder sees,
+                of the tokens that go through the span; replaces the random draw (``route_ratio`` is then ignored).
         """
         check_image_input(self, hidden_states)
         ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
+        check_route_ratio(route_ratio, type(self).__name__)
         check_no_text_input(self, encoder_hidden_states)
         b, _, h, w = hidden_states.shape
         device = hidden_states.device
@@ -248,7 +276,12 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         elif mask_ratio > 0:
             token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
 
-        x = self.encode(hidden_states, cond, token_mask.ids_keep if token_mask is not None else None)
+        num_encoder_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
+        if route_ids is not None:
+            route_ids = check_ids_keep(route_ids, b, num_encoder_tokens, owner=f"{type(self).__name__} route_ids")
+        elif route_ratio > 0:
+            route_ids = random_route_ids(b, num_encoder_tokens, route_ratio, device=device, generator=generator)
+        x = self.encode(hidden_states, cond, token_mask.ids_keep if token_mask is not None else None, route_ids)
         x = self.encoder_to_decoder(x, cond)
         if token_mask is not None:
             x = restore_tokens(x, token_mask.ids_restore, self.mask_token)
