@@ -29,12 +29,14 @@ def tiny(which: str):
     return model, DeferredMaskDiTRecipe(), ["--conditioning", "class"]
 
 
+@pytest.mark.parametrize("route", [[], ["--route_ratio", "0.5"]], ids=["plain", "routed"])
 @pytest.mark.parametrize("which", ["maskdit", "mdt", "deferred"])
-def test_compiled_training_step_is_one_graph_and_draws_the_same_mask(which):
+def test_compiled_training_step_is_one_graph_and_draws_the_same_mask(which, route):
     """The trainer hands the loss a seeded generator; none may reach the compiled forward (dynamo cannot trace a
-    Generator: it used to break every compiled training forward at the mask draw)."""
+    Generator: it used to break every compiled training forward at the mask draw). TREAD routing (drawn by the
+    loss too) keeps the step one graph."""
     model, recipe, argv = tiny(which)
-    args = parse_args(recipe, argv)
+    args = parse_args(recipe, argv + route)
     objective = recipe.build_objective(args)
     ratio = recipe.default_mask_ratio if which != "mdt" else 0.4
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1

@@ -28,7 +28,17 @@ from .layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-from .masking import gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
+from .masking import (
+    check_ids_keep,
+    check_route_ratio,
+    gather_tokens,
+    random_route_ids,
+    random_token_mask,
+    resolve_route_span,
+    restore_tokens,
+    run_routed_blocks,
+    token_mask_from_ids_keep,
+)
 from .modeling_common import (
     MaskedModelMixin,
     MaskedTransformer2DModelOutput,
@@ -294,6 +304,13 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         pos_interpolation_scale (`float`, defaults to 1.0): Divides the sin-cos positions (2.0 for 512 px in the paper).
         attention_bias (`bool`, defaults to `False`): Biases in attention, MLP and mixer-map linears.
         norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        route_start (`int`, *optional*): TREAD token routing inside the backbone (off unless a training forward
+            passes ``route_ratio`` / ``route_ids``; eval mode never routes): first backbone block the routed tokens
+            skip; `None` = 2 (the TREAD paper's). The patch-mixer is never routed: routing starts after the deferred
+            mask and picks among the tokens it kept. MoE blocks in the span see fewer tokens; expert-choice capacity
+            is computed from that (static) count, so shapes stay static.
+        route_end (`int`, *optional*): Last backbone block the routed tokens skip (inclusive); `None` =
+            ``num_layers - 4``, shrunk to fit small backbones. Negative values count from the end.
     """
 
     _supports_gradient_checkpointing = True
@@ -331,6 +348,8 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         pos_interpolation_scale: float = 1.0,
         attention_bias: bool = False,
         norm_eps: float = 1e-6,
+        route_start: Optional[int] = None,
+        route_end: Optional[int] = None,
     ):
         super().__init__()
         owner = type(self).__name__
@@ -358,6 +377,7 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
                 check_number_arg(owner, name, ratio, 0.0, 64.0, low_open=True)
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
+        self.route_span = resolve_route_span(num_layers, route_start, route_end, owner, blocks_name="backbone blocks")
         if caption_channels is not None and num_classes is not None:
             raise ValueError(
                 "Use either text conditioning (caption_channels) or class conditioning (num_classes), not both: "
@@ -548,6 +568,8 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         generator: Optional[torch.Generator] = None,
         ids_keep: Optional[torch.LongTensor] = None,
         return_dict: bool = True,
+        route_ratio: float = 0.0,
+        route_ids: Optional[torch.LongTensor] = None,
     ) -> Union[MaskedTransformer2DModelOutput, tuple]:
         """
         Args:
@@ -566,6 +588,12 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
                 mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
                 (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
             return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
+            route_ratio (`float`, defaults to 0.0): TREAD routing inside the backbone, training mode only: share of
+                the backbone's tokens (those the mask kept) that skip backbone blocks ``route_start..route_end``, in
+                [0, 1); 0 = off. Ignored in eval mode (inference runs every token through every block).
+            route_ids (`torch.LongTensor` of shape (B, K'), *optional*): Ids, into the K tokens the backbone sees,
+                of the tokens that go through the span; replaces the random draw (``route_ratio`` is then ignored).
+                Training mode only, like ``route_ratio``.
 
         Returns:
             ``sample`` (B, out_channels, H, W): the prediction, zero at masked tokens (only kept tokens are trained);
@@ -573,6 +601,7 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         """
         check_image_input(self, hidden_states)
         ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
+        check_route_ratio(route_ratio, type(self).__name__)
         b, _, h, w = hidden_states.shape
         device = hidden_states.device
         self._check_text_inputs(encoder_hidden_states, b)
@@ -595,6 +624,15 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         elif mask_ratio > 0:
             token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
         deferred = self.config.mask_strategy == "deferred"
+        # Routing is a training device only (TREAD): in eval mode every token goes through every block.
+        if not self.training:
+            route_ids = None
+        else:
+            num_backbone_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
+            if route_ids is not None:
+                route_ids = check_ids_keep(route_ids, b, num_backbone_tokens, owner=f"{type(self).__name__} route_ids")
+            elif route_ratio > 0:
+                route_ids = random_route_ids(b, num_backbone_tokens, route_ratio, device=device, generator=generator)
 
         x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
         if token_mask is not None and not deferred:
@@ -606,8 +644,11 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
             # Deferred masking: every kept token has already mixed with all tokens.
             x = gather_tokens(x, token_mask.ids_keep)
         x = self.patch_mixer_proj_out(x)
-        for block in self.transformer_blocks:
-            x = maybe_checkpoint(self, block, x, cond, None, text, text_mask)
+        blocks = self.transformer_blocks
+        x = run_routed_blocks(
+            x, len(blocks), lambda i, t: maybe_checkpoint(self, blocks[i], t, cond, None, text, text_mask), route_ids,
+            self.route_span,
+        )
         x = self.final_layer(x, cond)
         if token_mask is not None:
             # No decoder: masked tokens get a zero prediction and are left out of the loss.

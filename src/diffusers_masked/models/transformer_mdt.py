@@ -21,7 +21,19 @@ from .layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-from .masking import TokenMask, gather_tokens, random_token_mask, restore_tokens, token_mask_from_ids_keep
+from .masking import (
+    TokenMask,
+    check_ids_keep,
+    check_route_ratio,
+    gather_tokens,
+    random_route_ids,
+    random_token_mask,
+    resolve_route_span,
+    restore_tokens,
+    route_enter,
+    route_exit,
+    token_mask_from_ids_keep,
+)
 from .modeling_common import (
     MaskedModelMixin,
     MaskedTransformer2DModelOutput,
@@ -252,6 +264,16 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         dense_input_shortcut (`bool`, defaults to `True`): MDTv2's input shortcut into every decoder block
             (`False`: v1).
         norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        route_start (`int`, *optional*): TREAD token routing inside the encoder (off unless a training forward passes
+            ``route_ratio`` / ``route_ids``; eval mode never routes): first encoder block (of the
+            ``num_layers - num_decoder_layers``, in-blocks then out-blocks) the routed tokens skip; `None` = 2 (the
+            TREAD paper's). Routing composes with masking (it picks among the kept tokens); the side-interpolater and
+            the decoder always see all tokens. Blocks in the span look their relative position bias up for the grid
+            positions of the tokens they see. Long skips compose as if the span were the identity for the routed
+            tokens: a skip from before the span into it is gathered to the span's tokens; a skip from inside the span
+            to a block after it carries the routed tokens' span-start values, so any span inside the encoder is valid.
+        route_end (`int`, *optional*): Last encoder block the routed tokens skip (inclusive); `None` =
+            ``num_layers - num_decoder_layers - 4``, shrunk to fit small encoders. Negative values count from the end.
     """
 
     _supports_gradient_checkpointing = True
@@ -280,6 +302,8 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         long_skip_connections: bool = True,
         dense_input_shortcut: bool = True,
         norm_eps: float = 1e-6,
+        route_start: Optional[int] = None,
+        route_end: Optional[int] = None,
     ):
         super().__init__()
         owner = type(self).__name__
@@ -296,6 +320,11 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
                 f"shortcuts) and num_decoder_layers >= 1; got num_layers={num_layers}, "
                 f"num_decoder_layers={num_decoder_layers}."
             )
+        # Only the encoder is routed: the side-interpolater and the decoder rebuild / predict every token.
+        self.route_span = resolve_route_span(
+            num_encoder_layers, route_start, route_end, owner,
+            blocks_name="encoder blocks (num_layers - num_decoder_layers; the decoder is never routed)",
+        )
         if out_channels is None:
             out_channels = in_channels * 2 if learn_sigma else in_channels
         self.out_channels = out_channels
@@ -348,9 +377,16 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         return cond
 
     def encode(
-        self, hidden_states: torch.Tensor, cond: torch.Tensor, token_mask: Optional[TokenMask] = None
+        self,
+        hidden_states: torch.Tensor,
+        cond: torch.Tensor,
+        token_mask: Optional[TokenMask] = None,
+        route_ids: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Encoder over the kept tokens (all when ``token_mask`` is None).
+
+        ``route_ids`` (B, K'), ids into the K kept tokens, send the others past encoder blocks ``route_span``
+        (TREAD); they rejoin unchanged after the span's last block.
 
         Returns ``(x, input_skip)``: encoder output (B, K, hidden_size) in ``ids_keep`` order, and the full-length
         embedded input (B, N, hidden_size) taken before masking, for the decoder's dense input shortcut."""
@@ -361,15 +397,43 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
             ids_keep = token_mask.ids_keep
             x = gather_tokens(x, ids_keep)
         blocks = list(self.encoder_in_blocks) + list(self.encoder_out_blocks)
-        biases = self._biases(blocks, ids_keep, _compute_dtype(x))
-        skips = []
+        dtype = _compute_dtype(x)
+        start, end = self.route_span
+        if route_ids is None:
+            biases = self._biases(blocks, ids_keep, dtype)
+        else:
+            # The span's blocks see only the routed-through tokens: their biases are looked up for those tokens'
+            # grid positions (static shape (B, heads, K', K')), the other blocks' for the kept tokens as usual.
+            span_positions = route_ids if ids_keep is None else torch.gather(ids_keep, 1, route_ids)
+            outside_blocks = blocks[:start] + blocks[end + 1:]
+            outside = self._biases(outside_blocks, ids_keep, dtype) if outside_blocks else ()
+            inside = self._biases(blocks[start:end + 1], span_positions, dtype)
+            biases = outside[:start] + inside + outside[start:]
         half = len(self.encoder_in_blocks)
-        for blk, bias in zip(self.encoder_in_blocks, biases[:half]):
-            x = maybe_checkpoint(self, blk, x, cond, bias)
-            skips.append(x)
-        for blk, bias in zip(self.encoder_out_blocks, biases[half:]):
-            skip = skips.pop() if self.config.long_skip_connections else None
-            x = maybe_checkpoint(self, blk, x, cond, bias, skip)
+        skips = []  # (tensor, made inside the route span)
+        x_at_start = x
+        for i, (blk, bias) in enumerate(zip(blocks, biases)):
+            routed = route_ids is not None and start <= i <= end
+            if routed and i == start:
+                x_at_start = x
+                x = route_enter(x, route_ids)
+            if i < half:
+                x = maybe_checkpoint(self, blk, x, cond, bias)
+                skips.append((x, routed))
+            else:
+                skip = None
+                if self.config.long_skip_connections:
+                    skip, skip_routed = skips.pop()
+                    # Long skips compose as if the span were the identity for the tokens that skip it: a full skip
+                    # entering the span keeps the span's tokens; a span skip leaving it gets the skipping tokens'
+                    # span-start values back (what an identity block would have passed on).
+                    if routed and not skip_routed:
+                        skip = route_enter(skip, route_ids)
+                    elif skip_routed and not routed:
+                        skip = route_exit(x_at_start, skip, route_ids)
+                x = maybe_checkpoint(self, blk, x, cond, bias, skip)
+            if routed and i == end:
+                x = route_exit(x_at_start, x, route_ids)
         return x, input_skip
 
     def _biases(self, blocks, ids_keep: Optional[torch.Tensor], dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
@@ -391,6 +455,8 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         generator: Optional[torch.Generator] = None,
         ids_keep: Optional[torch.LongTensor] = None,
         return_dict: bool = True,
+        route_ratio: float = 0.0,
+        route_ids: Optional[torch.LongTensor] = None,
     ) -> Union[MaskedTransformer2DModelOutput, tuple]:
         """
         Args:
@@ -407,9 +473,16 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
                 mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
                 (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
             return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
+            route_ratio (`float`, defaults to 0.0): TREAD routing inside the encoder, training mode only: share of
+                the encoder's tokens (those the mask kept) that skip encoder blocks ``route_start..route_end``, in
+                [0, 1); 0 = off. Ignored in eval mode (inference runs every token through every block).
+            route_ids (`torch.LongTensor` of shape (B, K'), *optional*): Ids, into the K tokens the encoder sees,
+                of the tokens that go through the span; replaces the random draw (``route_ratio`` is then ignored).
+                Training mode only, like ``route_ratio``.
         """
         check_image_input(self, hidden_states)
         ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
+        check_route_ratio(route_ratio, type(self).__name__)
         check_no_text_input(self, encoder_hidden_states)
         b, _, h, w = hidden_states.shape
         device = hidden_states.device
@@ -423,7 +496,16 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         elif mask_ratio > 0:
             token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
 
-        x, input_skip = self.encode(hidden_states, cond, token_mask)
+        # Routing is a training device only (TREAD): in eval mode every token goes through every block.
+        if not self.training:
+            route_ids = None
+        else:
+            num_encoder_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
+            if route_ids is not None:
+                route_ids = check_ids_keep(route_ids, b, num_encoder_tokens, owner=f"{type(self).__name__} route_ids")
+            elif route_ratio > 0:
+                route_ids = random_route_ids(b, num_encoder_tokens, route_ratio, device=device, generator=generator)
+        x, input_skip = self.encode(hidden_states, cond, token_mask, route_ids)
         # Side block (training only) and decoder blocks see all tokens: one lookup with the static index.
         blocks = ([self.side_interpolater.block] if token_mask is not None else []) + list(self.decoder_blocks)
         biases = self._biases(blocks, None, _compute_dtype(x))

@@ -34,6 +34,58 @@ def draw_ids_keep(
     return random_ids_keep(batch_size, inner.num_tokens, mask_ratio, device=device, generator=generator)
 
 
+# ---- TREAD routing as a knob of the masked recipes (MaskDiT, MDTv2, DeferredMaskDiT) -------------------------------
+# The DiT recipe (recipe_dit.py) routes by default and declares its own flags; these recipes route only on request.
+def add_route_arguments(parser: argparse.ArgumentParser, where: str) -> None:
+    """``--route_ratio`` (0 = off) / ``--route_start`` / ``--route_end`` for a model that routes inside ``where``."""
+    parser.add_argument("--route_ratio", type=float, default=0.0,
+                        help=f"TREAD token routing inside the {where} in training: share of the tokens it sees that "
+                             "skip blocks --route_start..--route_end, in [0, 1); 0 = off (the TREAD paper trains with "
+                             "0.5). Off during --unmasked_finetune_steps; sampling never routes.")
+    parser.add_argument("--route_start", type=int, default=None,
+                        help=f"First {where} block the routed tokens skip (unset: the model config's, else 2 as the "
+                             "paper); negative counts from the end.")
+    parser.add_argument("--route_end", type=int, default=None,
+                        help=f"Last {where} block the routed tokens skip, inclusive (unset: the model config's, else "
+                             f"the {where}'s blocks - 4 as the paper); negative counts from the end.")
+
+
+def check_route_args(args: argparse.Namespace, error) -> None:
+    """Usage errors for the routing flags (the span itself is checked by the model, which knows its depth)."""
+    r = args.route_ratio
+    if not 0 <= r < 1:
+        error(f"--route_ratio {r:g}: the share of routed tokens must be in [0, 1) (0 = off; the TREAD paper: 0.5).")
+    if r == 0 and (args.route_start is not None or args.route_end is not None):
+        error("--route_start / --route_end set a routing span, but --route_ratio is 0 (routing off): add e.g. "
+              "--route_ratio 0.5, or drop the span flags.")
+
+
+def route_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """Model config keys of the routing span flags (only those given, so a loaded config keeps its own)."""
+    # (getattr: callers may pass a namespace built without the routing flags)
+    return {k: getattr(args, k) for k in ("route_start", "route_end") if getattr(args, k, None) is not None}
+
+
+def route_ratio_at(args: argparse.Namespace, step: int) -> float:
+    """Route ratio of optimizer step ``step``: ``--route_ratio``, but 0 in the final --unmasked_finetune_steps."""
+    if step >= args.max_train_steps - args.unmasked_finetune_steps:
+        return 0.0
+    return float(getattr(args, "route_ratio", 0.0))
+
+
+def draw_route_ids(
+    batch_size: int, num_tokens: int, ids_keep: Optional[torch.Tensor], route_ratio: float, device: torch.device,
+    generator: Optional[torch.Generator],
+) -> Optional[torch.Tensor]:
+    """Ids (B, K') of the tokens that go through the routed span, among the K tokens the routed stack sees (the
+    kept ones of ``ids_keep``, else all ``num_tokens``); None when ``route_ratio`` is 0. Drawn here and passed as
+    ``route_ids`` for the reason `draw_ids_keep` gives (a generator argument would break the compiled graph)."""
+    if route_ratio == 0:
+        return None
+    k = ids_keep.shape[1] if ids_keep is not None else num_tokens
+    return random_ids_keep(batch_size, k, route_ratio, device=device, generator=generator)
+
+
 class TrainingRecipe:
     """Base recipe for class-conditional masked transformers.
 

@@ -20,7 +20,15 @@ import torch
 from ..models.transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel
 from ..pipelines.pipeline_deferred_maskdit import DeferredMaskDiTPipeline, encode_texts
 from .objectives import Objective, build_objective, masked_mean, per_token
-from .recipe import TrainingRecipe, draw_ids_keep
+from .recipe import (
+    TrainingRecipe,
+    add_route_arguments,
+    check_route_args,
+    draw_ids_keep,
+    draw_route_ids,
+    route_overrides,
+    route_ratio_at,
+)
 
 #: MicroDiT's EDM constants (256 px phase).
 MICRODIT_SIGMA_DATA = 0.9
@@ -42,12 +50,16 @@ def deferred_maskdit_loss(
     cond: Dict[str, torch.Tensor],
     mask_ratio: float,
     generator: Optional[torch.Generator] = None,
+    route_ratio: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """One step's loss: the objective's weighted error, per patch, averaged over the kept tokens of each sample."""
+    """One step's loss: the objective's weighted error, per patch, averaged over the kept tokens of each sample.
+
+    ``route_ratio > 0`` adds TREAD routing inside the backbone, among the kept tokens (the loss is unchanged)."""
     inner = getattr(model, "module", model)
     noisy = objective.add_noise(x0, generator)
     ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
-    out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, **cond)
+    route_ids = draw_route_ids(x0.shape[0], inner.num_tokens, ids_keep, route_ratio, x0.device, generator)
+    out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond)
     per_element = objective.per_element_loss(out.sample[:, : x0.shape[1]], noisy, x0)
     if out.mask is None:
         loss = per_element.flatten(1).mean(dim=1)
@@ -107,6 +119,10 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
         parser.add_argument("--edm_sigma_data", type=float, default=MICRODIT_SIGMA_DATA)
         parser.add_argument("--edm_p_mean", type=float, default=MICRODIT_P_MEAN)
         parser.add_argument("--edm_p_std", type=float, default=MICRODIT_P_STD)
+        add_route_arguments(parser, "backbone")
+
+    def check_args(self, args: argparse.Namespace, error) -> None:
+        check_route_args(args, error)
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _use_text(self, args: argparse.Namespace) -> bool:
@@ -159,6 +175,7 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
             overrides["caption_channels"] = None
         if getattr(args, "mask_strategy", None):
             overrides["mask_strategy"] = args.mask_strategy
+        overrides.update(route_overrides(args))
         return overrides
 
     def build_pipeline(self, transformer, scheduler, vae, id2label: Optional[Dict[int, str]], trainer: Any):
@@ -191,8 +208,14 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
             embeds = torch.where(drop.view(-1, 1, 1), torch.zeros_like(embeds), embeds)
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
+    def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
+        # Called once per step before compute_loss, which has no step: remember the step's route ratio.
+        self._route_ratio = route_ratio_at(args, step)
+        return super().mask_ratio(args, step, generator)
+
     def compute_loss(self, model, objective, x0, cond, mask_ratio, args, generator):
-        return deferred_maskdit_loss(model, objective, x0, cond, mask_ratio, generator)
+        route_ratio = getattr(self, "_route_ratio", getattr(args, "route_ratio", 0.0))
+        return deferred_maskdit_loss(model, objective, x0, cond, mask_ratio, generator, route_ratio)
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def validation_images(self, pipeline, trainer: Any, generator: torch.Generator):

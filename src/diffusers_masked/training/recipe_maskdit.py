@@ -11,7 +11,15 @@ from ..models.layers import patchify
 from ..models.transformer_maskdit import MaskDiTTransformer2DModel
 from ..pipelines.pipeline_maskdit import MaskDiTPipeline
 from .objectives import Objective, masked_mean, per_token
-from .recipe import TrainingRecipe, draw_ids_keep
+from .recipe import (
+    TrainingRecipe,
+    add_route_arguments,
+    check_route_args,
+    draw_ids_keep,
+    draw_route_ids,
+    route_overrides,
+    route_ratio_at,
+)
 
 
 def mae_loss(denoised: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -34,14 +42,18 @@ def maskdit_loss(
     mask_ratio: float,
     mae_loss_coef: float,
     generator: Optional[torch.Generator] = None,
+    route_ratio: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Loss of one MaskDiT step; returns the batch mean and the parts (per-batch means) for logging."""
+    """Loss of one MaskDiT step; returns the batch mean and the parts (per-batch means) for logging.
+
+    ``route_ratio > 0`` adds TREAD routing inside the encoder, among the kept tokens (the loss is unchanged)."""
     inner = getattr(model, "module", model)
     patch_size = inner.config.patch_size
     channels = x0.shape[1]
     noisy = objective.add_noise(x0, generator)
     ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
-    out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, **cond)
+    route_ids = draw_route_ids(x0.shape[0], inner.num_tokens, ids_keep, route_ratio, x0.device, generator)
+    out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond)
     prediction = out.sample[:, :channels]
     per_element = objective.per_element_loss(prediction, noisy, x0)
     if out.mask is None:
@@ -90,6 +102,10 @@ class MaskDiTRecipe(TrainingRecipe):
         parser.add_argument("--edm_sigma_data", type=float, default=0.5)
         parser.add_argument("--edm_p_mean", type=float, default=-1.2)
         parser.add_argument("--edm_p_std", type=float, default=1.2)
+        add_route_arguments(parser, "encoder")
+
+    def check_args(self, args: argparse.Namespace, error) -> None:
+        check_route_args(args, error)
 
     def build_objective(self, args: argparse.Namespace):
         from .objectives import build_objective
@@ -98,7 +114,15 @@ class MaskDiTRecipe(TrainingRecipe):
                                p_mean=args.edm_p_mean, p_std=args.edm_p_std)
 
     def model_overrides(self, args: argparse.Namespace):
-        return {"learn_sigma": True} if args.learn_sigma else {}
+        overrides = {"learn_sigma": True} if args.learn_sigma else {}
+        overrides.update(route_overrides(args))
+        return overrides
+
+    def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
+        # Called once per step before compute_loss, which has no step: remember the step's route ratio.
+        self._route_ratio = route_ratio_at(args, step)
+        return super().mask_ratio(args, step, generator)
 
     def compute_loss(self, model, objective, x0, cond, mask_ratio, args, generator):
-        return maskdit_loss(model, objective, x0, cond, mask_ratio, args.mae_loss_coef, generator)
+        route_ratio = getattr(self, "_route_ratio", getattr(args, "route_ratio", 0.0))
+        return maskdit_loss(model, objective, x0, cond, mask_ratio, args.mae_loss_coef, generator, route_ratio)

@@ -20,7 +20,15 @@ import torch
 from ..models.transformer_mdt import MDTv2Transformer2DModel
 from ..pipelines.pipeline_mdt import MDTv2Pipeline
 from .objectives import DDPMObjective, NoisyBatch, Objective
-from .recipe import TrainingRecipe, draw_ids_keep
+from .recipe import (
+    TrainingRecipe,
+    add_route_arguments,
+    check_route_args,
+    draw_ids_keep,
+    draw_route_ids,
+    route_overrides,
+    route_ratio_at,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +150,7 @@ class MDTv2Recipe(TrainingRecipe):
         parser.add_argument("--use_adan", action="store_true",
                             help="Adan optimizer (betas 0.98/0.92/0.99) as the official MDTv2 training; lr, weight "
                             "decay and epsilon come from --learning_rate / --adam_weight_decay / --adam_epsilon.")
+        add_route_arguments(parser, "encoder")
 
     def check_args(self, args: argparse.Namespace, error) -> None:
         low, high = args.mask_ratio_range
@@ -153,6 +162,7 @@ class MDTv2Recipe(TrainingRecipe):
             error(f"--mask_ratio_levels {args.mask_ratio_levels}: must be >= 0 (0 = continuous ratios).")
         if args.num_decoder_layers is not None and args.num_decoder_layers < 1:
             error(f"--num_decoder_layers {args.num_decoder_layers}: must be >= 1.")
+        check_route_args(args, error)
 
     #: Set by `setup` with --split_branch_backward: ``backward_part(closure)`` runs a branch's forward and
     #: backward at once (see `DiffusionTrainer.backward_part`).
@@ -187,6 +197,7 @@ class MDTv2Recipe(TrainingRecipe):
         overrides: Dict[str, Any] = dict(learn_sigma=True, out_channels=None)
         if args.num_decoder_layers is not None:
             overrides["num_decoder_layers"] = args.num_decoder_layers
+        overrides.update(route_overrides(args))
         return overrides
 
     def build_pipeline(self, transformer, scheduler, vae, id2label: Optional[Dict[int, str]], trainer: Any):
@@ -204,6 +215,8 @@ class MDTv2Recipe(TrainingRecipe):
     def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
         """One ratio per batch from ``U[--mask_ratio_range)`` (MDTv2), or ``--mask_ratio`` when given (v1);
         0 in the final unmasked fine-tuning steps or with ``--no_masked_branch``."""
+        # Called once per step before compute_loss, which has no step: remember the step's route ratio.
+        self._route_ratio = route_ratio_at(args, step)
         if args.no_masked_branch or step >= args.max_train_steps - args.unmasked_finetune_steps:
             return 0.0
         if args.mask_ratio is not None:
@@ -231,10 +244,14 @@ class MDTv2Recipe(TrainingRecipe):
         mask_ratio: float,
         gamma: float,
         generator: Optional[torch.Generator],
+        route_ratio: float = 0.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens."""
+        """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens. ``route_ratio > 0`` adds TREAD
+        routing inside the encoder (among the kept tokens in the masked branch)."""
         ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
-        out = model(batch.model_input, batch.timestep, ids_keep=ids_keep, **cond).sample
+        inner = getattr(model, "module", model)
+        route_ids = draw_route_ids(x0.shape[0], inner.num_tokens, ids_keep, route_ratio, x0.device, generator)
+        out = model(batch.model_input, batch.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond).sample
         c = x0.shape[1]
         eps, var_values = out[:, :c], out[:, c:]
         mse = objective.per_element_loss(eps, batch, x0).flatten(1).mean(1)
@@ -256,12 +273,15 @@ class MDTv2Recipe(TrainingRecipe):
         if getattr(self, "_vlb_for", None) is not objective:
             self._vlb, self._vlb_for = LearnedVarianceVLB(objective), objective
         gamma = getattr(args, "min_snr_gamma", 5.0)
+        # Both branches route (the encoder is the routed stack in each); 0 unless --route_ratio is given.
+        route_ratio = getattr(self, "_route_ratio", getattr(args, "route_ratio", 0.0))
         full = objective.add_noise(x0, generator)
         split = self.backward_part is not None and mask_ratio > 0
         parts = {}
 
         def full_branch() -> torch.Tensor:
-            parts["full"] = self.branch_loss(model, objective, self._vlb, x0, full, cond, 0.0, gamma, generator)
+            parts["full"] = self.branch_loss(model, objective, self._vlb, x0, full, cond, 0.0, gamma, generator,
+                                             route_ratio)
             return parts["full"][0].mean()
 
         # Split: the full branch is back-propagated here and only its value joins the returned loss.
@@ -274,7 +294,8 @@ class MDTv2Recipe(TrainingRecipe):
             noise = noise.to(x0.device, x0.dtype)
             noisy = objective.scheduler.add_noise(x0, noise, full.level)
             masked = NoisyBatch(model_input=noisy, timestep=full.timestep, noisy=noisy, noise=noise, level=full.level)
-            loss_m, m_mse, m_vb = self.branch_loss(model, objective, self._vlb, x0, masked, cond, mask_ratio, gamma, generator)
+            loss_m, m_mse, m_vb = self.branch_loss(model, objective, self._vlb, x0, masked, cond, mask_ratio, gamma,
+                                                   generator, route_ratio)
             loss = loss + loss_m.mean()
             logs.update(m_mse=m_mse.mean().detach(), m_vb=m_vb.mean().detach(), m_loss=loss_m.mean().detach())
         else:
