@@ -313,6 +313,29 @@ def random_route_ids(
     return random_ids_keep(batch_size, num_tokens, route_ratio, device=device, generator=generator)
 
 
+def training_route_ids(
+    route_ids: Optional[torch.Tensor],
+    route_ratio: float,
+    training: bool,
+    batch_size: int,
+    num_tokens: int,
+    owner: str,
+    device: torch.device | str | None = None,
+    generator: Optional[torch.Generator] = None,
+) -> Optional[torch.Tensor]:
+    """The route ids a training forward uses: the given ids (checked), or a fresh draw for ``route_ratio > 0``.
+
+    Routing is a training device only (TREAD), so outside ``training`` this returns None and every token goes
+    through every block."""
+    if not training:
+        return None
+    if route_ids is not None:
+        return check_ids_keep(route_ids, batch_size, num_tokens, owner=f"{owner} route_ids")
+    if route_ratio > 0:
+        return random_route_ids(batch_size, num_tokens, route_ratio, device=device, generator=generator)
+    return None
+
+
 def route_enter(x: torch.Tensor, route_ids: torch.Tensor) -> torch.Tensor:
     """Start of a route: the tokens ``route_ids`` (B, K) of ``x`` (B, N, D) continue into the span."""
     return gather_tokens(x, route_ids)

@@ -29,15 +29,14 @@ from .layers import (
     unpatchify,
 )
 from .masking import (
-    check_ids_keep,
     check_route_ratio,
     gather_tokens,
-    random_route_ids,
     random_token_mask,
     resolve_route_span,
     restore_tokens,
     run_routed_blocks,
     token_mask_from_ids_keep,
+    training_route_ids,
 )
 from .modeling_common import (
     MaskedModelMixin,
@@ -624,15 +623,10 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         elif mask_ratio > 0:
             token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
         deferred = self.config.mask_strategy == "deferred"
-        # Routing is a training device only (TREAD): in eval mode every token goes through every block.
-        if not self.training:
-            route_ids = None
-        else:
-            num_backbone_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
-            if route_ids is not None:
-                route_ids = check_ids_keep(route_ids, b, num_backbone_tokens, owner=f"{type(self).__name__} route_ids")
-            elif route_ratio > 0:
-                route_ids = random_route_ids(b, num_backbone_tokens, route_ratio, device=device, generator=generator)
+        num_backbone_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
+        route_ids = training_route_ids(
+            route_ids, route_ratio, self.training, b, num_backbone_tokens, type(self).__name__, device=device, generator=generator
+        )
 
         x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
         if token_mask is not None and not deferred:

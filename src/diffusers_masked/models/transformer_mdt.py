@@ -23,16 +23,15 @@ from .layers import (
 )
 from .masking import (
     TokenMask,
-    check_ids_keep,
     check_route_ratio,
     gather_tokens,
-    random_route_ids,
     random_token_mask,
     resolve_route_span,
     restore_tokens,
     route_enter,
     route_exit,
     token_mask_from_ids_keep,
+    training_route_ids,
 )
 from .modeling_common import (
     MaskedModelMixin,
@@ -496,15 +495,10 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         elif mask_ratio > 0:
             token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
 
-        # Routing is a training device only (TREAD): in eval mode every token goes through every block.
-        if not self.training:
-            route_ids = None
-        else:
-            num_encoder_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
-            if route_ids is not None:
-                route_ids = check_ids_keep(route_ids, b, num_encoder_tokens, owner=f"{type(self).__name__} route_ids")
-            elif route_ratio > 0:
-                route_ids = random_route_ids(b, num_encoder_tokens, route_ratio, device=device, generator=generator)
+        num_encoder_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
+        route_ids = training_route_ids(
+            route_ids, route_ratio, self.training, b, num_encoder_tokens, type(self).__name__, device=device, generator=generator
+        )
         x, input_skip = self.encode(hidden_states, cond, token_mask, route_ids)
         # Side block (training only) and decoder blocks see all tokens: one lookup with the static index.
         blocks = ([self.side_interpolater.block] if token_mask is not None else []) + list(self.decoder_blocks)
