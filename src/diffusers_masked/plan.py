@@ -69,49 +69,49 @@ _STATE_BYTES_PER_PARAM = 16
 _H100 = "1x NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, diffusers 0.42.1"
 MEASURED: Dict[Tuple[str, str, str, int, int, float], List[Dict[str, Any]]] = {
     ("maskdit", "", "XL/2", 32, 4, 0.5): [
-        dict(batch=32, mode="compile", ratio=394.0 / 431.1, img_s=394.0, dit_img_s=431.1),
-        dict(batch=32, mode="compile reduce-overhead", ratio=673.0 / 470.1, img_s=673.0, dit_img_s=470.1),
-        dict(batch=128, mode="compile", ratio=910.4 / 569.9, img_s=910.4, dit_img_s=569.9),
-        dict(batch=128, mode="eager", ratio=603.1 / 390.7, img_s=603.1, dit_img_s=390.7),
-        dict(batch=256, mode="compile", ratio=975.3 / 569.9, img_s=975.3, dit_img_s=569.9,
+        dict(batch=32, mode="compile", img_s=394.0, dit_img_s=431.1),
+        dict(batch=32, mode="compile reduce-overhead", img_s=673.0, dit_img_s=470.1),
+        dict(batch=128, mode="compile", img_s=910.4, dit_img_s=569.9),
+        dict(batch=128, mode="eager", img_s=603.1, dit_img_s=390.7),
+        dict(batch=256, mode="compile", img_s=975.3, dit_img_s=569.9,
              note="DiT-XL/2 OOM at b256: vs its best (b128)"),
     ],
     ("deferred_maskdit", "dense", "XL/2", 32, 4, 0.75): [
-        dict(batch=32, mode="compile", ratio=412.4 / 431.1, img_s=412.4, dit_img_s=431.1),
-        dict(batch=32, mode="compile reduce-overhead", ratio=1128.8 / 470.1, img_s=1128.8, dit_img_s=470.1),
-        dict(batch=128, mode="compile", ratio=1480.1 / 569.9, img_s=1480.1, dit_img_s=569.9),
-        dict(batch=128, mode="eager", ratio=906.4 / 390.7, img_s=906.4, dit_img_s=390.7),
-        dict(batch=256, mode="compile", ratio=2039.7 / 569.9, img_s=2039.7, dit_img_s=569.9,
+        dict(batch=32, mode="compile", img_s=412.4, dit_img_s=431.1),
+        dict(batch=32, mode="compile reduce-overhead", img_s=1128.8, dit_img_s=470.1),
+        dict(batch=128, mode="compile", img_s=1480.1, dit_img_s=569.9),
+        dict(batch=128, mode="eager", img_s=906.4, dit_img_s=390.7),
+        dict(batch=256, mode="compile", img_s=2039.7, dit_img_s=569.9,
              note="DiT-XL/2 OOM at b256: vs its best (b128)"),
     ],
     ("deferred_maskdit", "moe", "XL/2", 32, 4, 0.75): [
-        dict(batch=32, mode="compile", ratio=390.5 / 431.1, img_s=390.5, dit_img_s=431.1),
-        dict(batch=32, mode="compile reduce-overhead", ratio=775.5 / 470.1, img_s=775.5, dit_img_s=470.1),
-        dict(batch=128, mode="compile", ratio=1117.9 / 569.9, img_s=1117.9, dit_img_s=569.9),
-        dict(batch=256, mode="compile", ratio=1496.0 / 569.9, img_s=1496.0, dit_img_s=569.9,
+        dict(batch=32, mode="compile", img_s=390.5, dit_img_s=431.1),
+        dict(batch=32, mode="compile reduce-overhead", img_s=775.5, dit_img_s=470.1),
+        dict(batch=128, mode="compile", img_s=1117.9, dit_img_s=569.9),
+        dict(batch=256, mode="compile", img_s=1496.0, dit_img_s=569.9,
              note="DiT-XL/2 OOM at b256: vs its best (b128)"),
     ],
     ("mdt", "", "XL/2", 32, 4, 0.4): [
-        dict(batch=32, mode="compile", ratio=188.0 / 431.1, img_s=188.0, dit_img_s=431.1, note="joint backward"),
-        dict(batch=128, mode="compile", ratio=242.5 / 569.9, img_s=242.5, dit_img_s=569.9, note="split backward"),
+        dict(batch=32, mode="compile", img_s=188.0, dit_img_s=431.1, note="joint backward"),
+        dict(batch=128, mode="compile", img_s=242.5, dit_img_s=569.9, note="split backward"),
     ],
     ("maskdit", "", "B/2", 32, 4, 0.5): [
-        dict(batch=32, mode="compile", ratio=895.9 / 1289.0, img_s=895.9, dit_img_s=1289.0,
+        dict(batch=32, mode="compile", img_s=895.9, dit_img_s=1289.0,
              note="host-bound; both in one call (call15)"),
-        dict(batch=128, mode="compile", ratio=2571.7 / 2501.9, img_s=2571.7, dit_img_s=2501.9),
-        dict(batch=256, mode="compile", ratio=2775.1 / 2676.2, img_s=2775.1, dit_img_s=2676.2),
+        dict(batch=128, mode="compile", img_s=2571.7, dit_img_s=2501.9),
+        dict(batch=256, mode="compile", img_s=2775.1, dit_img_s=2676.2),
     ],
     ("mdt", "", "B/2", 32, 4, 0.4): [
-        dict(batch=128, mode="compile", ratio=956.0 / 2501.9, img_s=956.0, dit_img_s=2501.9),
-        dict(batch=256, mode="compile", ratio=1072.9 / 2676.2, img_s=1072.9, dit_img_s=2676.2),
+        dict(batch=128, mode="compile", img_s=956.0, dit_img_s=2501.9),
+        dict(batch=256, mode="compile", img_s=1072.9, dit_img_s=2676.2),
     ],
     ("deferred_maskdit", "dense", "TINY/2", 32, 4, 0.75): [
-        dict(batch=128, mode="compile", ratio=2447.6 / 2501.9, img_s=2447.6, dit_img_s=2501.9, note="vs DiT-B/2"),
-        dict(batch=256, mode="compile", ratio=5717.5 / 2676.2, img_s=5717.5, dit_img_s=2676.2, note="vs DiT-B/2"),
+        dict(batch=128, mode="compile", img_s=2447.6, dit_img_s=2501.9, note="vs DiT-B/2"),
+        dict(batch=256, mode="compile", img_s=5717.5, dit_img_s=2676.2, note="vs DiT-B/2"),
     ],
     ("deferred_maskdit", "moe", "TINY/2", 32, 4, 0.75): [
-        dict(batch=128, mode="compile", ratio=2396.3 / 2501.9, img_s=2396.3, dit_img_s=2501.9, note="vs DiT-B/2"),
-        dict(batch=256, mode="compile", ratio=4639.9 / 2676.2, img_s=4639.9, dit_img_s=2676.2, note="vs DiT-B/2"),
+        dict(batch=128, mode="compile", img_s=2396.3, dit_img_s=2501.9, note="vs DiT-B/2"),
+        dict(batch=256, mode="compile", img_s=4639.9, dit_img_s=2676.2, note="vs DiT-B/2"),
     ],
 }
 MEASURED_SOURCE = {
@@ -352,7 +352,7 @@ def measured_for(name: str, preset: str, latent: int, in_channels: int, ratio: f
     if name == "deferred_maskdit":
         variant = "dense" if not model_cfg.get("num_experts") else "moe"
     key = (name, variant, preset.upper(), latent, in_channels, round(ratio, 4))
-    return [dict(r) for r in MEASURED.get(key, [])]
+    return [dict(r, ratio=r["img_s"] / r["dit_img_s"]) for r in MEASURED.get(key, [])]
 
 
 def plan(name: str, preset: str, resolution: int, vae_scale: int = 8, ratio: Optional[float] = None,

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
-import torch
 from diffusers.models import AutoencoderKL
 from diffusers.schedulers import SchedulerMixin
 
-from ..loaders import MaskedTransformerLoraLoaderMixin
 from ..models.transformer_dit import RoutedDiTTransformer2DModel
-from .pipeline_base import MaskedTransformerPipelineBase
+from .pipeline_maskdit import MaskDiTPipeline
 
 
-class RoutedDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMixin):
+class RoutedDiTPipeline(MaskDiTPipeline):
     r"""Class-conditional image generation with a DiT (trained with or without TREAD routing) and any diffusers
     scheduler.
 
@@ -32,8 +30,6 @@ class RoutedDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoad
             `MaskDiTPipeline`); saved with the pipeline, a mismatching scheduler gets a warning.
     """
 
-    _optional_components = ["vae", "scheduler"]
-
     def __init__(
         self,
         transformer: RoutedDiTTransformer2DModel,
@@ -42,42 +38,4 @@ class RoutedDiTPipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoad
         id2label: Optional[Dict[Union[int, str], str]] = None,
         training_objective: Union[None, str, Mapping[str, Any]] = None,
     ):
-        super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        self._setup_labels(id2label)
-        self._setup_training_objective(training_objective)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Union[int, str, List[Union[int, str]], torch.Tensor, None] = None,
-        guidance_scale: float = 1.5,
-        num_inference_steps: int = 40,
-        num_images_per_prompt: int = 1,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        batch_size: int = 1,
-    ):
-        r"""
-        Args:
-            class_labels (`int`, `str`, list of them, or `torch.Tensor`): Class ids or names (names need
-                ``id2label``). Required for class-conditional models.
-            guidance_scale (`float`, defaults to 1.5): Classifier-free guidance scale (``uncond + s * (cond -
-                uncond)``), 1.5 as DiT's and TREAD's sampling; <= 1 disables guidance.
-            num_inference_steps (`int`, defaults to 40): Denoising steps (TREAD samples with 40 EDM steps).
-            num_images_per_prompt (`int`, defaults to 1): Images per class label.
-            generator (`torch.Generator`, *optional*): For reproducible sampling.
-            latents (`torch.Tensor`, *optional*): Initial unit-variance noise of shape (B, C, H, W).
-            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-            return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` or a tuple.
-            batch_size (`int`, defaults to 1): Number of images for an unconditional model.
-
-        Returns:
-            [`~pipelines.ImagePipelineOutput`] with ``images``.
-        """
-        self.check_inputs(output_type, num_inference_steps, guidance_scale, num_images_per_prompt, latents)
-        n, cond, uncond = self._class_conditioning(class_labels, num_images_per_prompt, guidance_scale, batch_size)
-        latents = self._denoise(n, cond, uncond, guidance_scale, num_inference_steps, generator, latents)
-        return self._decode(latents, output_type, return_dict)
+        super().__init__(transformer, scheduler, vae=vae, id2label=id2label, training_objective=training_objective)
