@@ -71,7 +71,7 @@ def main() -> None:
     vae = build_random_vae(args.in_channels, args.latent_channels, args.width, args.num_blocks, args.seed).eval()
     r = args.calibrate_resolution
     if args.calibrate_dir and args.in_channels == 1:
-        from diffusers_masked.training.data import load_fashion_mnist_arrays
+        from diffusers_masked.data import load_fashion_mnist_arrays
 
         images, _ = load_fashion_mnist_arrays("train", args.calibrate_dir)
         x = torch.from_numpy(images[:64].copy()).float().div(127.5).sub(1.0)[:, None]

@@ -95,7 +95,7 @@ def _tiny_maskdit():
 def make_trained_maskdit(root: Path) -> Path:
     """``output/maskdit-fashion-mnist`` like the quickstart's main job saves it, with a tiny transformer."""
     from diffusers_masked import MaskDiTPipeline
-    from diffusers_masked.training.data import FASHION_MNIST_CLASSES
+    from diffusers_masked.data import FASHION_MNIST_CLASSES
     from diffusers_masked.training.objectives import build_objective
 
     out = root / "output" / "maskdit-fashion-mnist"
@@ -140,7 +140,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def _needs_fashion_mnist() -> None:
-    from diffusers_masked.training.data import FASHION_MNIST_DIR
+    from diffusers_masked.data import FASHION_MNIST_DIR
 
     if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

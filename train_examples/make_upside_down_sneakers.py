@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffusers_masked.training.data import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
+from diffusers_masked.data import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 
 
 def main() -> None:

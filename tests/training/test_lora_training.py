@@ -18,7 +18,7 @@ def test_lora_run_trains_only_the_adapter_and_loads_into_the_pipeline(tmp_path):
     main(MaskDiTRecipe(), tiny_args(tmp_path, out="base", max_train_steps=2))
     base = tmp_path / "base"
     # new concept: a folder of one class only ("Sneaker"), images upside down
-    from diffusers_masked.training.data import load_fashion_mnist_arrays
+    from diffusers_masked.data import load_fashion_mnist_arrays
 
     images, labels = load_fashion_mnist_arrays("test")
     (tmp_path / "concept" / "Sneaker").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Fashion-MNIST for evaluation: the idx reader lives in `training/data.py`; this module re-exports it and adds the
+"""Fashion-MNIST for evaluation: the idx reader lives in `data/fashion_mnist.py`; this module re-exports it and adds the
 resizing that makes real images comparable with a pipeline's samples."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..training.data import (
+from ..data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     resize_center_crop,

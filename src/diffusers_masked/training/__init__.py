@@ -1,6 +1,6 @@
 """Training: objectives, data, the shared Accelerate trainer and one recipe per model."""
 
-from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, load_fashion_mnist_arrays, read_idx
+from ..data import FASHION_MNIST_CLASSES, load_fashion_mnist, load_fashion_mnist_arrays, read_idx
 from .objectives import DDPMObjective, EDMObjective, NoisyBatch, Objective, build_objective
 from .recipe import TrainingRecipe
 from .trainer import Trainer, main, parse_args

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .data import (
+from ..data import (
     FASHION_MNIST_CLASSES,
     ImageClassDataset,
     LatentCacheDataset,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from diffusers_masked.training.data import ImageClassDataset, LatentCacheDataset, collate_batch
+from diffusers_masked.data import ImageClassDataset, LatentCacheDataset, collate_batch
 
 
 def _dataset(n=12, size=10, channels=1, labels=True):

@@ -1,11 +1,8 @@
-"""Training data: Fashion-MNIST (the embedded default), HF `datasets` by name or local folder, and a VAE latent cache."""
+"""Image data sets for training and evaluation: HF `datasets` by name or local folder (the Fashion-MNIST default),
+image decoding and resizing, and the in-memory batch path."""
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
-import struct
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -13,85 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-_FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+from .fashion_mnist import load_fashion_mnist
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file (the MNIST format), gzipped or not, into a numpy array."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an idx file (bad magic number).")
-    dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise ValueError(f"{path}: unknown idx data type 0x{dtype_code:02x}.")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}.")
-    return array.reshape(shape)
-
-
-def _find_idx(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem):
-        if (root / name).exists():
-            return root / name
-    raise FileNotFoundError(
-        f"Fashion-MNIST file {stem}(.gz) not found in {root}. Install the embedded data set with "
-        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), pass --fashion_mnist_dir to a folder holding the idx "
-        "files, or train on other data with --dataset_name / --train_data_dir."
-    )
-
-
-def load_fashion_mnist_arrays(split: str = "train", root: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST as (uint8 images (N, 28, 28), int64 labels (N,)) from Debian's `dataset-fashion-mnist` files."""
-    if split not in _FASHION_MNIST_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-    root_path = Path(root or os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    images_stem, labels_stem = _FASHION_MNIST_FILES[split]
-    images = read_idx(_find_idx(root_path, images_stem))
-    labels = read_idx(_find_idx(root_path, labels_stem)).astype(np.int64)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST files in {root_path} have mismatched shapes {images.shape} / {labels.shape}.")
-    return images, labels
-
-
-def load_fashion_mnist(split: str = "train", root: Optional[str] = None):
-    """Fashion-MNIST as a `datasets.Dataset` with columns ``image`` (28x28 uint8) and ``label`` (ClassLabel)."""
-    import datasets
-
-    images, labels = load_fashion_mnist_arrays(split, root)
-    features = datasets.Features(
-        {
-            "image": datasets.Array2D(shape=(28, 28), dtype="uint8"),
-            "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES),
-        }
-    )
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Generic image data sets
-# --------------------------------------------------------------------------------------------------------------
 def load_image_dataset(args: Any):
     """The training `datasets.Dataset` chosen by --dataset_name / --train_data_dir / the Fashion-MNIST default."""
     import datasets
@@ -268,103 +189,3 @@ def infer_image_geometry(ds, image_column: str) -> Tuple[int, int]:
     """(channels, size) of the first image of the data set."""
     array = image_to_array(ds[0][image_column])
     return array.shape[2], min(array.shape[:2])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# VAE latent cache
-# --------------------------------------------------------------------------------------------------------------
-class LatentCacheDataset(Dataset):
-    """Pre-computed VAE posterior moments (mean, logvar) on disk (numpy memmap), with flipped copies appended."""
-
-    def __init__(self, cache_dir: str | os.PathLike):
-        cache_dir = Path(cache_dir)
-        meta_path = cache_dir / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"No latent cache in {cache_dir} (meta.json missing); run with --cache_latents.")
-        self.meta = json.loads(meta_path.read_text())
-        shape = tuple(self.meta["shape"])
-        self.moments = np.memmap(cache_dir / "moments.npy", dtype=np.float16, mode="r", shape=shape)
-        self.labels = np.load(cache_dir / "labels.npy")
-
-    def __len__(self) -> int:
-        return self.moments.shape[0]
-
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        return {
-            "moments": torch.from_numpy(np.array(self.moments[index], dtype=np.float32)),
-            "class_labels": torch.tensor(int(self.labels[index]), dtype=torch.long),
-        }
-
-    def __getitems__(self, indices: List[int]) -> Dict[str, torch.Tensor]:
-        """A batch in one memmap gather (same values as stacking `__getitem__`); use ``collate_fn=collate_batch``."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return {
-            "moments": torch.from_numpy(np.array(self.moments[idx], dtype=np.float32)),
-            "class_labels": torch.from_numpy(self.labels[idx].astype(np.int64)),
-        }
-
-
-@torch.no_grad()
-def build_latent_cache(
-    dataset: ImageClassDataset,
-    vae,
-    cache_dir: str | os.PathLike,
-    batch_size: int = 64,
-    flip: bool = True,
-    device: torch.device | str = "cpu",
-    fingerprint: Optional[str] = None,
-) -> Path:
-    """Encode every image once (and its horizontal flip, as the papers do) and store the posterior moments as fp16.
-
-    Writes to a temporary folder and renames it, so an interrupted run never leaves a half cache behind."""
-    from tqdm.auto import tqdm
-
-    cache_dir = Path(cache_dir)
-    meta_path = cache_dir / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if fingerprint is None or meta.get("fingerprint") == fingerprint:
-            return cache_dir
-        raise ValueError(
-            f"The latent cache in {cache_dir} was built from other data or another VAE ({meta.get('fingerprint')} != "
-            f"{fingerprint}); delete it or choose another --latent_cache_dir."
-        )
-    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)
-    copies = 2 if flip else 1
-    first = dataset[0]["pixel_values"][None].to(device, vae.dtype)
-    moments_shape = vae.encode(first).latent_dist.parameters.shape[1:]
-    shape = (n * copies, *moments_shape)
-    # Raw memmap (shape kept in meta.json) so training reads samples lazily without loading the whole cache.
-    moments = np.memmap(tmp / "moments.npy", dtype=np.float16, mode="w+", shape=shape)
-    labels = np.zeros(n * copies, dtype=np.int64)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    offset = 0
-    for batch in tqdm(loader, desc="Encoding latents"):
-        x = batch["pixel_values"].to(device, vae.dtype)
-        k = x.shape[0]
-        for c in range(copies):
-            xc = torch.flip(x, dims=[3]) if c == 1 else x
-            params = vae.encode(xc).latent_dist.parameters.float().cpu().numpy()
-            moments[c * n + offset : c * n + offset + k] = params.astype(np.float16)
-            labels[c * n + offset : c * n + offset + k] = batch["class_labels"].numpy()
-        offset += k
-    moments.flush()
-    del moments
-    np.save(tmp / "labels.npy", labels)
-    (tmp / "meta.json").write_text(json.dumps({"shape": list(shape), "flip": flip, "fingerprint": fingerprint}))
-    if cache_dir.exists():
-        import shutil
-
-        shutil.rmtree(cache_dir)
-    os.replace(tmp, cache_dir)
-    return cache_dir
-
-
-def sample_latents(moments: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0, generator=None) -> torch.Tensor:
-    """Draw a fresh posterior sample from cached (mean, logvar) moments each step (as the official MaskDiT)."""
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator is not None else mean.device)
-    return ((mean + std * eps.to(mean.device)) - shift_factor) * scaling_factor

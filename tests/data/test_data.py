@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from diffusers_masked.training.data import (
+from diffusers_masked.data import (
     FASHION_MNIST_CLASSES,
     ImageClassDataset,
     load_fashion_mnist,
