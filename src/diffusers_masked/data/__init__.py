@@ -1,5 +1,14 @@
-"""Data shared by training and evaluation: the embedded Fashion-MNIST, image data sets and the VAE latent cache."""
+"""Data shared by training and evaluation: the embedded Fashion-MNIST, image and captioned data sets, the VAE latent
+cache and the text-embedding cache."""
 
+from .captions import (
+    DEFAULT_CAPTION_COLUMN,
+    caption_dropout_mask,
+    check_caption_columns,
+    load_captioned_dataset,
+    pick_captions,
+    read_captions,
+)
 from .fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -18,8 +27,28 @@ from .images import (
     resize_center_crop,
 )
 from .latents import LatentCacheDataset, build_latent_cache, sample_latents
+from .text_cache import (
+    CaptionedImageDataset,
+    TextCacheMismatchError,
+    TextEmbeddingCache,
+    build_text_cache,
+    encode_captions,
+    unconditional_embedding,
+)
 
 __all__ = [
+    "DEFAULT_CAPTION_COLUMN",
+    "CaptionedImageDataset",
+    "TextCacheMismatchError",
+    "TextEmbeddingCache",
+    "build_text_cache",
+    "caption_dropout_mask",
+    "check_caption_columns",
+    "encode_captions",
+    "load_captioned_dataset",
+    "pick_captions",
+    "read_captions",
+    "unconditional_embedding",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "PRELOAD_MAX_BYTES",
