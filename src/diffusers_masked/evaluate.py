@@ -3,6 +3,11 @@
 Generates images with fixed per-sample seeds, then reports the Fréchet distance to a reference set (FD-FMNIST by
 default, standard Inception FID with local weights) and conditional accuracy, and writes everything, with every
 setting that produced it, to a JSON file.
+
+Scene mode (``--scenes DIR``, a data set written by ``train_examples/make_fashion_mnist_scenes.py``): a text-to-image
+pipeline draws one image per held-out test caption; the report gives the scene score (share of named items the
+Fashion-MNIST classifier finds in their cell, of empty cells left empty; `diffusers_masked.evaluation.scenes`) next to
+FD against the real test scenes, on whole images and on the cells.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from .evaluation.scenes import EMPTY_INK_LEVEL, EMPTY_INK_THRESHOLD
+
     p = argparse.ArgumentParser(
         prog="python -m diffusers_masked.evaluate",
         description=(
             "Generate samples from a diffusers-masked pipeline and score them: Fréchet distance to a reference set "
             "(FD-FMNIST with a small Fashion-MNIST classifier trained once and cached, or standard Inception FID from "
             "local torch-fidelity weights) and conditional accuracy (share of samples the classifier assigns to the "
-            "class they were asked for). Nothing is downloaded."
+            "class they were asked for). With --scenes (Fashion-MNIST scenes): a text-to-image pipeline draws the "
+            "held-out scene captions and the report adds the scene score (named items found in their cell, empty "
+            "cells left empty). Nothing is downloaded."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -43,7 +52,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Folder of a saved pipeline (loaded with diffusers.DiffusionPipeline.from_pretrained after "
         "`import diffusers_masked`). Required unless --train_classifier / --reference_stats_only.",
     )
-    g.add_argument("--num_samples", type=int, default=10000, help="Number of images to generate.")
+    g.add_argument(
+        "--num_samples",
+        type=int,
+        default=None,
+        help="Number of images to generate (10000 if unset; with --scenes one per held-out scene).",
+    )
     g.add_argument("--batch_size", type=int, default=64, help="Images per pipeline call.")
     g.add_argument("--seed", type=int, default=0, help="Sample i uses torch.Generator('cpu').manual_seed(seed + i).")
     g.add_argument("--num_inference_steps", type=int, default=None, help="Denoising steps (default: the pipeline's).")
@@ -82,10 +96,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument(
         "--reference",
         type=str,
-        default="fashion-mnist",
+        default=None,
         help="'fashion-mnist' (test split) or 'fashion-mnist:train' (resized to the generated size like "
         "the trainer does), a folder of images of the generated size, or an .npz with mu/sigma "
-        "statistics (ours or ADM/guided-diffusion reference batches) or arr_0 images.",
+        "statistics (ours or ADM/guided-diffusion reference batches) or arr_0 images. Unset: 'fashion-mnist', "
+        "or with --scenes the real test scenes.",
     )
     g.add_argument(
         "--reference_num_samples", type=int, default=None, help="Use only the first N reference images (default: all)."
@@ -160,6 +175,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Train (or load) the cached Fashion-MNIST classifier, print its test accuracy and exit.",
     )
 
+    g = p.add_argument_group("scene score (Fashion-MNIST scenes, text-to-image)")
+    g.add_argument(
+        "--scenes",
+        type=str,
+        default=None,
+        help="Scene mode: a data set folder written by train_examples/make_fashion_mnist_scenes.py (its test/ "
+        "split is used) or a folder with a metadata.jsonl of scenes. The pipeline draws the held-out captions; "
+        "the report adds the scene score (items found in their cell, empty cells left empty) to FD.",
+    )
+    g.add_argument(
+        "--scene_captions",
+        type=str,
+        default="first",
+        choices=["first", "cycle"],
+        help="Which caption of each test scene to prompt with: its canonical one ('first'), or the phrasings in "
+        "turn ('cycle': scene i gets caption i modulo its number of captions).",
+    )
+    g.add_argument(
+        "--empty_threshold",
+        type=float,
+        default=None,
+        help=f"A cell counts as empty when less than this share of its pixels is brighter than {EMPTY_INK_LEVEL} "
+        f"(unset: {EMPTY_INK_THRESHOLD}, calibrated on real scenes; see diffusers_masked.evaluation.scenes).",
+    )
+
     g = p.add_argument_group("output")
     g.add_argument("--output", type=str, default="evaluation.json", help="JSON file for metrics and settings.")
     g.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
@@ -170,6 +210,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--reference_stats_only needs --save_reference_stats PATH.npz.")
     if args.reference_stats_only and not (args.pipeline or args.image_shape):
         p.error("--reference_stats_only needs --image_shape C H W or --pipeline to know the image size.")
+    if args.num_samples is not None and args.num_samples < 1:
+        p.error(f"--num_samples must be >= 1, got {args.num_samples}.")
+    if args.scenes:
+        if args.prompts:
+            p.error("--scenes prompts with the held-out scene captions; drop --prompts (or drop --scenes).")
+        if args.accuracy:
+            p.error("--accuracy is for class labels; --scenes reports the scene score instead.")
+        if args.reference_stats_only:
+            p.error("--reference_stats_only does not take --scenes; pass the scene test folder as --reference.")
+        if args.empty_threshold is not None and not 0 <= args.empty_threshold <= 1:
+            p.error(f"--empty_threshold is a share of pixels in [0, 1], got {args.empty_threshold}.")
+    elif args.empty_threshold is not None or args.scene_captions != "first":
+        p.error("--empty_threshold and --scene_captions belong to scene mode: add --scenes DIR.")
+    if args.reference is None and not args.scenes:
+        args.reference = "fashion-mnist"
     return args
 
 
@@ -186,6 +241,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(info, indent=2))
         if not (args.pipeline or args.reference_stats_only):
             return 0
+
+    if args.scenes:
+        from .data.scenes import scene_split_dir
+
+        scene_split_dir(args.scenes, "test")  # a missing scene data set fails before anything loads
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = get_feature_spec(
@@ -217,6 +277,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.dtype != "float32":
             pipeline.to(getattr(torch, args.dtype))
 
+    if args.scenes:
+        return _main_scenes(args, pipeline, argv, progress)
+
     if args.reference_stats_only:
         from .evaluation.sampling import expected_image_shape
 
@@ -233,10 +296,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .evaluation import read_prompts
 
         prompts, prompt_labels = read_prompts(args.prompts)
+    num_samples = args.num_samples or 10000
     result = evaluate_pipeline(
         pipeline,
         reference=args.reference,
-        num_samples=args.num_samples,
+        num_samples=num_samples,
         batch_size=args.batch_size,
         seed=args.seed,
         num_inference_steps=args.num_inference_steps,
@@ -251,6 +315,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         save_images_dir=args.save_images,
         progress=progress,
     )
+    out = _write_result(result, args, argv)
+    m = result["metrics"]
+    acc = m["conditional_accuracy"]
+    print(
+        f"{m['fd_name']}: {m['fd']:.4f}"
+        + (f"  conditional accuracy: {acc:.4f}" if acc is not None else "")
+        + f"  ({num_samples} samples, {result['timings']['total_seconds']:.1f} s) -> {out}"
+    )
+    return 0
+
+
+def _write_result(result: dict, args: argparse.Namespace, argv: Optional[List[str]]) -> Path:
+    """Record where the pipeline came from and the command line, then write the JSON report."""
     result["settings"]["pipeline_path"] = str(Path(args.pipeline).resolve())
     result["settings"]["command"] = " ".join(
         [Path(sys.executable).name, "-m", "diffusers_masked.evaluate", *(argv if argv is not None else sys.argv[1:])]
@@ -258,12 +335,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
+    return out
+
+
+def _main_scenes(args: argparse.Namespace, pipeline, argv: Optional[List[str]], progress: bool) -> int:
+    """Scene mode: prompt with the held-out captions of --scenes, report the scene score next to FD."""
+    from .data.scenes import load_scenes, scene_split_dir
+    from .evaluation.scenes import EMPTY_INK_THRESHOLD, evaluate_scenes
+
+    split_dir = scene_split_dir(args.scenes, "test")
+    scenes = load_scenes(split_dir, load_images=False)
+    result = evaluate_scenes(
+        pipeline,
+        scenes.prompts(args.scene_captions),
+        scenes.layouts,
+        reference=args.reference if args.reference is not None else str(split_dir),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        classifier_path=args.classifier_path,
+        cache_dir=args.cache_dir,
+        feature=args.feature,
+        inception_weights=args.inception_weights,
+        empty_threshold=EMPTY_INK_THRESHOLD if args.empty_threshold is None else args.empty_threshold,
+        reference_num_samples=args.reference_num_samples,
+        save_images_dir=args.save_images,
+        progress=progress,
+    )
+    result["settings"]["scenes"] = str(split_dir.resolve())
+    result["settings"]["scene_captions"] = args.scene_captions
+    out = _write_result(result, args, argv)
     m = result["metrics"]
-    acc = m["conditional_accuracy"]
+    fds = "".join(
+        f"  {name}: {value:.4f}"
+        for name, value in ((m["fd_name"], m["fd"]), (m["fd_cells_name"], m["fd_cells"]))
+        if value is not None
+    )
     print(
-        f"{m['fd_name']}: {m['fd']:.4f}"
-        + (f"  conditional accuracy: {acc:.4f}" if acc is not None else "")
-        + f"  ({args.num_samples} samples, {result['timings']['total_seconds']:.1f} s) -> {out}"
+        f"scene score: {m['scene_score']:.4f} (items {m['item_accuracy']:.4f}, empty cells "
+        + (f"{m['empty_accuracy']:.4f}" if m["empty_accuracy"] is not None else "n/a")
+        + f", all cells right {m['exact_match']:.4f}){fds}  ({m['num_images']} samples, "
+        f"{result['timings']['total_seconds']:.1f} s) -> {out}"
     )
     return 0
 

@@ -27,6 +27,16 @@ from .images import (
     resize_center_crop,
 )
 from .latents import LatentCacheDataset, build_latent_cache, sample_latents
+from .scenes import (
+    CAPTION_GRAMMAR,
+    SceneSet,
+    ensure_scenes,
+    generate_scenes,
+    layout_caption,
+    load_scenes,
+    parse_caption,
+    write_scenes,
+)
 from .text_cache import (
     CaptionedImageDataset,
     TextCacheMismatchError,
@@ -37,7 +47,15 @@ from .text_cache import (
 )
 
 __all__ = [
+    "CAPTION_GRAMMAR",
     "DEFAULT_CAPTION_COLUMN",
+    "SceneSet",
+    "ensure_scenes",
+    "generate_scenes",
+    "layout_caption",
+    "load_scenes",
+    "parse_caption",
+    "write_scenes",
     "CaptionedImageDataset",
     "TextCacheMismatchError",
     "TextEmbeddingCache",

@@ -6,6 +6,9 @@ Command line: ``python -m diffusers_masked.evaluate --help``. From Python (e.g. 
     from diffusers_masked.evaluation import evaluate_pipeline
     result = evaluate_pipeline(pipeline, reference="fashion-mnist", num_samples=1000)
     result["metrics"]["fd"], result["metrics"]["conditional_accuracy"]
+
+Text-to-image on the Fashion-MNIST scenes (`diffusers_masked.data.scenes`): `evaluate_scenes` reports the scene
+score (named items found in their cell, empty cells left empty) next to FD; `score_scenes` scores given images.
 """
 
 from .classifier import (
@@ -31,19 +34,39 @@ from .frechet import (
 )
 from .reference import reference_stats, resolve_reference
 from .sampling import balanced_labels, generate_images, read_prompts
+from .scenes import (
+    EMPTY_INK_LEVEL,
+    EMPTY_INK_THRESHOLD,
+    CallablePipeline,
+    calibrate_empty_threshold,
+    cell_crops,
+    cell_ink,
+    evaluate_scenes,
+    predict_layouts,
+    scene_cells,
+    score_layouts,
+    score_scenes,
+)
 
 __all__ = [
+    "EMPTY_INK_LEVEL",
+    "EMPTY_INK_THRESHOLD",
     "FASHION_MNIST_CLASSES",
+    "CallablePipeline",
     "ClassifierFeatures",
     "FashionMNISTClassifier",
     "FeatureSpec",
     "FrechetDistance",
     "ReferenceStats",
     "balanced_labels",
+    "calibrate_empty_threshold",
+    "cell_crops",
+    "cell_ink",
     "compute_reference_stats",
     "custom_features",
     "default_cache_dir",
     "evaluate_pipeline",
+    "evaluate_scenes",
     "fashion_mnist_features",
     "frechet_distance_between",
     "generate_images",
@@ -53,9 +76,13 @@ __all__ = [
     "load_fashion_mnist_arrays",
     "load_fashion_mnist_classifier",
     "load_fashion_mnist_reference",
+    "predict_layouts",
     "read_prompts",
     "reference_stats",
     "resolve_reference",
     "save_classifier",
+    "scene_cells",
+    "score_layouts",
+    "score_scenes",
     "train_fashion_mnist_classifier",
 ]
