@@ -239,3 +239,100 @@ def test_truncated_lora_says_why(tmp_path):
     pipe = MaskDiTPipeline(build("maskdit"), EDMEulerScheduler())
     with pytest.raises(OSError, match="Could not load the LoRA weights from .*SafetensorError.*download it again"):
         pipe.load_lora_weights(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One forward for every model: the mask as ids_keep or a TokenMask, routing honoured in any mode
+# ------------------------------------------------------------------------------------------------------------------
+def _routed_dit():
+    from diffusers_masked import RoutedDiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return RoutedDiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_layers=4,
+                                       num_attention_heads=4, num_classes=10)
+
+
+def _randomized(which):
+    from testing_utils import randomize
+
+    model = _routed_dit() if which == "dit" else build(which, route_start=1, route_end=1)
+    return randomize(model)
+
+
+@pytest.mark.parametrize("which", [*MODELS, "dit"])
+def test_explicit_routing_is_honoured_in_eval_and_training_mode_alike(which):
+    # One rule for every model: route_ids / route_ratio given = routed, whatever the mode; nothing given = every token
+    # through every block (what pipelines do). Before, MDTv2 and DeferredMaskDiT ignored routing in eval mode.
+    model = _randomized(which)
+    x, t, y = inputs()
+    route = masking.random_route_ids(2, NUM_TOKENS, 0.5, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    with torch.no_grad():
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            outputs[mode] = [model(x, t, class_labels=y).sample, model(x, t, class_labels=y, route_ids=route).sample,
+                             model(x, t, class_labels=y, route_ratio=0.5,
+                                   generator=torch.Generator().manual_seed(1)).sample]
+    for train_out, eval_out in zip(outputs["train"], outputs["eval"]):
+        assert torch.equal(train_out, eval_out)
+    plain, routed, drawn = outputs["eval"]
+    assert torch.equal(routed, drawn)  # the drawn route is random_route_ids' with the same generator
+    assert not torch.allclose(plain, routed)
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_mask_given_as_token_mask_ids_keep_or_ratio_and_generator_is_the_same(which):
+    from diffusers_masked.models import TokenMask
+
+    model = _randomized(which)
+    x, t, y = inputs()
+    token_mask = masking.random_token_mask(2, NUM_TOKENS, 0.5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        by_mask = model(x, t, class_labels=y, ids_keep=token_mask)
+        by_ids = model(x, t, class_labels=y, ids_keep=token_mask.ids_keep)
+        by_ratio = model(x, t, class_labels=y, mask_ratio=0.5, generator=torch.Generator().manual_seed(3))
+    for out in (by_ids, by_ratio):
+        assert torch.equal(out.sample, by_mask.sample) and torch.equal(out.mask, by_mask.mask)
+    assert torch.equal(by_mask.mask, token_mask.mask)
+    bad = TokenMask(ids_keep=token_mask.ids_keep, ids_restore=token_mask.ids_restore[:, :4], mask=token_mask.mask)
+    with pytest.raises(ValueError, match=r"TokenMask.ids_restore must have shape \(batch=2, tokens=16\)"):
+        model(x, t, class_labels=y, ids_keep=bad)
+
+
+def test_the_dit_refuses_any_mask_and_points_to_routing():
+    model = _routed_dit()
+    x, t, y = inputs()
+    token_mask = masking.random_token_mask(2, NUM_TOKENS, 0.5)
+    for kwargs in (dict(ids_keep=token_mask), dict(ids_keep=token_mask.ids_keep), dict(mask_ratio=0.5)):
+        with pytest.raises(ValueError, match="does not mask.*route_ratio"):
+            model(x, t, class_labels=y, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training settings left the model config; old configs keep loading
+# ------------------------------------------------------------------------------------------------------------------
+def test_old_deferred_config_with_train_mask_ratio_still_loads(tmp_path, caplog):
+    # Configs saved before the mask ratio became a training setting carry "train_mask_ratio": they load, with a note,
+    # and give the same model.
+    old = dict(TINY_DEFERRED, train_mask_ratio=0.75, _class_name="DeferredMaskDiTTransformer2DModel",
+               _diffusers_version="0.42.1")
+    with caplog.at_level("WARNING"):
+        model = DeferredMaskDiTTransformer2DModel.from_config(old)
+    assert "train_mask_ratio" not in model.config and "training setting" in caplog.text
+    assert DeferredMaskDiTTransformer2DModel.default_mask_ratio == 0.75
+
+    reference = build("deferred")
+    reference.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "train_mask_ratio" not in saved
+    saved["train_mask_ratio"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loaded = DeferredMaskDiTTransformer2DModel.from_pretrained(tmp_path)
+    assert "train_mask_ratio=0.5" in caplog.text and "not expected" not in caplog.text
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, class_labels=y).sample, reference(x, t, class_labels=y).sample)
+    with pytest.raises(TypeError, match="train_mask_ratio"):
+        DeferredMaskDiTTransformer2DModel(**TINY_DEFERRED, train_mask_ratio=0.75)

@@ -30,7 +30,7 @@ def mask_and_route():
     return ids, route
 
 
-def test_off_by_default_ratio_zero_is_exact_and_eval_ignores_routing():
+def test_off_by_default_ratio_zero_is_exact_and_explicit_routing_is_honoured_in_eval_mode():
     model = make()
     assert model.route_span == (2, 2)  # Debug/2's 4 backbone blocks: the paper's span shrunk to fit
     x, t, text = inputs()
@@ -41,11 +41,14 @@ def test_off_by_default_ratio_zero_is_exact_and_eval_ignores_routing():
         plain = model(x, t, **kw).sample
         zero = model(x, t, **kw, route_ratio=0.0).sample
         routed = model(x, t, **kw, route_ids=route).sample
+        drawn = model(x, t, **kw, route_ratio=0.5, generator=torch.Generator().manual_seed(1)).sample
         model.eval()
         eval_plain = model(x, t, **kw).sample
         eval_routed = model(x, t, **kw, route_ratio=0.5, route_ids=route).sample
+        eval_drawn = model(x, t, **kw, route_ratio=0.5, generator=torch.Generator().manual_seed(1)).sample
     assert torch.equal(plain, zero) and not torch.allclose(plain, routed)
-    assert torch.equal(eval_plain, eval_routed) and torch.equal(eval_plain, plain)
+    assert torch.equal(eval_plain, plain) and torch.equal(eval_routed, routed) and torch.equal(eval_drawn, drawn)
+    assert not torch.allclose(eval_drawn, eval_plain)
 
 
 def test_only_backbone_blocks_in_the_span_see_fewer_tokens_moe_included():

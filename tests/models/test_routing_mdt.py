@@ -30,7 +30,9 @@ def mask_and_route():
     return ids, route
 
 
-def test_off_by_default_ratio_zero_is_exact_and_eval_ignores_routing():
+def test_off_by_default_ratio_zero_is_exact_and_explicit_routing_is_honoured_in_eval_mode():
+    # The rule every model follows: a route that is asked for (route_ids, or route_ratio > 0) is taken in training
+    # and eval mode alike; without one (the default, and what pipelines pass) every token goes through every block.
     model = make()
     assert model.route_span == (2, 2)  # 6 encoder blocks: the paper's span (2, E - 4) shrunk to fit
     assert make(num_layers=28, num_decoder_layers=4).route_span == (2, 20)
@@ -41,11 +43,14 @@ def test_off_by_default_ratio_zero_is_exact_and_eval_ignores_routing():
         plain = model(x, t, y, ids_keep=ids).sample
         zero = model(x, t, y, ids_keep=ids, route_ratio=0.0).sample
         routed = model(x, t, y, ids_keep=ids, route_ids=route).sample
+        drawn = model(x, t, y, ids_keep=ids, route_ratio=0.5, generator=torch.Generator().manual_seed(1)).sample
         model.eval()
         eval_plain = model(x, t, y, ids_keep=ids).sample
         eval_routed = model(x, t, y, ids_keep=ids, route_ratio=0.5, route_ids=route).sample
+        eval_drawn = model(x, t, y, ids_keep=ids, route_ratio=0.5, generator=torch.Generator().manual_seed(1)).sample
     assert torch.equal(plain, zero) and not torch.allclose(plain, routed)
-    assert torch.equal(eval_plain, eval_routed) and torch.equal(eval_plain, plain)
+    assert torch.equal(eval_plain, plain) and torch.equal(eval_routed, routed) and torch.equal(eval_drawn, drawn)
+    assert not torch.allclose(eval_drawn, eval_plain)
 
 
 @pytest.mark.parametrize("span", SPANS)

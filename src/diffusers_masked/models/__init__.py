@@ -10,6 +10,7 @@ from .masking import (
     set_ids_keep_value_checks,
 )
 from .modeling_common import MaskedTransformer2DModelOutput
+from .transformer_base import MaskedTransformer2DModel
 from .transformer_maskdit import MaskDiTTransformer2DModel
 from .transformer_mdt import MDTv2Transformer2DModel
 from .moe import ExpertChoiceFeedForward
@@ -19,6 +20,7 @@ from .transformer_dit import RoutedDiTTransformer2DModel
 __all__ = [
     "RoutedDiTTransformer2DModel",
     "MaskDiTTransformer2DModel",
+    "MaskedTransformer2DModel",
     "MaskedTransformer2DModelOutput",
     "MDTv2Transformer2DModel",
     "DeferredMaskDiTTransformer2DModel",

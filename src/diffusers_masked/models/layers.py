@@ -1,4 +1,4 @@
-"""Building blocks shared by MaskDiT, MDTv2 and DeferredMaskDiT.
+"""Building blocks shared by the transformers of this package (MaskDiT, MDTv2, DeferredMaskDiT, the routed DiT).
 
 Every block works on token sequences ``(batch, tokens, dim)`` whose length may be the full patch grid or only
 the kept tokens of a masked batch, so the same block runs in the encoder (few tokens) and the decoder (all tokens).
@@ -100,11 +100,12 @@ class TimestepEmbedder(nn.Module):
         frequency_dim (`int`, defaults to 256): Number of sinusoidal features.
         act_fn (`str`, defaults to `"silu"`): Activation between the two linear layers (a diffusers activation name,
             or ``"gelu-approximate"`` for the tanh GELU of MicroDiT).
+        freq_shift (`float`, defaults to 0.0): ``downscale_freq_shift`` of the sinusoid (1 as diffusers' DiT).
     """
 
-    def __init__(self, embed_dim: int, frequency_dim: int = 256, act_fn: str = "silu"):
+    def __init__(self, embed_dim: int, frequency_dim: int = 256, act_fn: str = "silu", freq_shift: float = 0.0):
         super().__init__()
-        self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=freq_shift)
         if act_fn == "gelu-approximate":
             # diffusers' TimestepEmbedding only knows exact GELU; swap in the tanh approximation (same parameters).
             self.timestep_embedder = TimestepEmbedding(frequency_dim, embed_dim, act_fn="gelu")
@@ -421,6 +422,53 @@ class FinalLayer(nn.Module):
         return self.proj_out(modulate(self.norm_out(x), shift, scale))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Caption path (text conditioning)
+# ----------------------------------------------------------------------------------------------------------------
+class CaptionMLP(nn.Module):
+    """``linear_1 -> GELU(tanh) -> LayerNorm -> linear_2``: projects caption tokens and the pooled caption.
+
+    Args:
+        in_dim (`int`): Width of the input (the text encoder's hidden size, or the model width for the pooled caption).
+        dim (`int`): Output width.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+    """
+
+    def __init__(self, in_dim: int, dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=False)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.norm(F.gelu(self.linear_1(x), approximate="tanh")))
+
+
+class CaptionRefinerBlock(nn.Module):
+    """Plain pre-norm transformer block (self-attention + SwiGLU, no timestep modulation) over caption tokens.
+
+    Args:
+        dim (`int`): Token width.
+        attention_head_dim (`int`): Width of one head (``dim // attention_head_dim`` heads).
+        ff_inner_dim (`int`): Hidden width of the SwiGLU MLP.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm and QK-norm epsilon.
+    """
+
+    def __init__(self, dim: int, attention_head_dim: int, ff_inner_dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=False)
+        self.attn = Attention(
+            dim, dim // attention_head_dim, attention_head_dim, bias=False, out_bias=False,
+            qk_norm="layer_norm_across_heads", eps=norm_eps,
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=False)
+        self.ff = FeedForward(dim, ff_inner_dim, activation_fn="swiglu", bias=False)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attention_mask=attention_mask)
+        return x + self.ff(self.norm2(x))
+
+
 def init_dit_weights(module: nn.Module, std: float = 0.02) -> None:
     """DiT initialisation: xavier-uniform linears with zero bias, xavier patch conv, N(0, std) embeddings, and
     zero adaLN / output projections so that every block starts as the identity (adaLN-Zero)."""
@@ -459,6 +507,12 @@ def maybe_checkpoint(owner: nn.Module, module: nn.Module, *args) -> torch.Tensor
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (buffers such as fixed position tables are not counted)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def swiglu_hidden_dim(dim: int, mlp_ratio: float, multiple_of: int = 1) -> int:
+    """Hidden width of a SwiGLU MLP with the parameters of a two-matrix MLP of expansion ``mlp_ratio``: 2/3 of
+    ``int(dim * mlp_ratio)``, rounded up to ``multiple_of`` (MicroDiT's rule)."""
+    return round_up(int(2 * int(dim * mlp_ratio) / 3), multiple_of)
 
 
 def round_up(value: float, multiple: int) -> int:

@@ -127,6 +127,21 @@ def check_ids_keep(
     return ids_keep
 
 
+def check_token_mask(token_mask: TokenMask, batch_size: int, num_tokens: int, owner: str = "token_mask") -> TokenMask:
+    """Validate a given `TokenMask` (from `random_token_mask` or `token_mask_from_ids_keep`): its ``ids_keep`` as
+    `check_ids_keep` says, and the shapes of ``ids_restore`` (B, N) and ``mask`` (B, N). Returns it with int64 ids."""
+    ids_keep = check_ids_keep(token_mask.ids_keep, batch_size, num_tokens, owner=owner)
+    for name in ("ids_restore", "mask"):
+        value = getattr(token_mask, name)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch_size, num_tokens):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{owner}: TokenMask.{name} must have shape (batch={batch_size}, tokens={num_tokens}), got {shape}; "
+                "build the mask with masking.random_token_mask or masking.token_mask_from_ids_keep."
+            )
+    return TokenMask(ids_keep=ids_keep, ids_restore=token_mask.ids_restore.long(), mask=token_mask.mask.bool())
+
+
 def num_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
     """Tokens kept per sample: ``round(num_tokens * (1 - mask_ratio))``, at least 1."""
     check_mask_ratio(mask_ratio)
@@ -313,22 +328,21 @@ def random_route_ids(
     return random_ids_keep(batch_size, num_tokens, route_ratio, device=device, generator=generator)
 
 
-def training_route_ids(
+def resolve_route_ids(
     route_ids: Optional[torch.Tensor],
     route_ratio: float,
-    training: bool,
     batch_size: int,
     num_tokens: int,
     owner: str,
     device: torch.device | str | None = None,
     generator: Optional[torch.Generator] = None,
 ) -> Optional[torch.Tensor]:
-    """The route ids a training forward uses: the given ids (checked), or a fresh draw for ``route_ratio > 0``.
+    """The route ids a forward uses: the given ids (checked against ``num_tokens``), else a fresh draw for
+    ``route_ratio > 0`` (with ``generator``), else `None` (no routing).
 
-    Routing is a training device only (TREAD), so outside ``training`` this returns None and every token goes
-    through every block."""
-    if not training:
-        return None
+    What is asked for is done in training and eval mode alike: routing is a training device (TREAD), but the model
+    does not second-guess an explicit request (e.g. a validation loss of the routed objective). Inference passes
+    neither, so every token goes through every block."""
     if route_ids is not None:
         return check_ids_keep(route_ids, batch_size, num_tokens, owner=f"{owner} route_ids")
     if route_ratio > 0:

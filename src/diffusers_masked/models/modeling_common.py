@@ -1,7 +1,9 @@
-"""What the three masked transformers share outside their blocks: the output type, input checks and presets."""
+"""Helpers the transformers share outside their blocks: the output type, input and constructor checks, presets and
+loading (config checks, retired config keys, weight-file errors). The shared model code is `transformer_base`."""
 
 from __future__ import annotations
 
+import logging
 import numbers
 import re
 from dataclasses import dataclass
@@ -10,7 +12,8 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 from diffusers.utils import BaseOutput
 
-from .masking import check_ids_keep, check_mask_ratio
+logger = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -132,24 +135,12 @@ def check_no_text_input(model: Any, encoder_hidden_states: Optional[torch.Tensor
 
 
 def training_mask_ratio_hint(model: Any) -> str:
-    """The model's usual training mask ratio, in words, for the mask-ratio error."""
+    """The model's usual training mask ratio (its paper default), in words, for the mask-ratio error."""
     ratio_range = getattr(model, "mask_ratio_range", None)
     if ratio_range is not None:
         return f"a ratio in [{ratio_range[0]}, {ratio_range[1]}) (MDTv2 draws one per batch)"
-    ratio = getattr(model.config, "train_mask_ratio", None) or getattr(model, "default_mask_ratio", None)
+    ratio = getattr(model, "default_mask_ratio", None)
     return f"e.g. {ratio}" if ratio is not None else "a ratio in (0, 1)"
-
-
-def check_masking_args(
-    model: Any, mask_ratio: float, ids_keep: Optional[torch.Tensor], batch_size: int
-) -> Optional[torch.Tensor]:
-    """Check ``mask_ratio`` and a given ``ids_keep`` (see `masking.check_ids_keep`; values are checked without a
-    device sync on the GPU training path). Returns ``ids_keep`` as int64, or `None`."""
-    name = type(model).__name__
-    check_mask_ratio(mask_ratio, name, training_mask_ratio_hint(model))
-    if ids_keep is None:
-        return None
-    return check_ids_keep(ids_keep, batch_size, model.num_tokens, owner=name)
 
 
 #: Sanity limits of the constructor checks: far above every published configuration, low enough that a typo (an
@@ -324,11 +315,30 @@ def explain_weights_error(error: OSError, what: str) -> Optional[OSError]:
 
 
 class MaskedModelMixin(PresetMixin):
-    """What the models add to diffusers' loading: presets, a config check and weight-file errors that say why."""
+    """What the models add to diffusers' loading: presets, a config check, retired config keys and weight-file errors
+    that say why."""
+
+    #: Config keys that older versions saved but that are no longer constructor arguments: key -> why it left (e.g.
+    #: a training setting that moved to the training recipe). `from_config` / `from_pretrained` drop them from a
+    #: saved config with a note, so old model folders keep loading.
+    _retired_config_keys: Dict[str, str] = {}
+
+    @classmethod
+    def _drop_retired_config_keys(cls, config: Dict[str, Any]) -> Dict[str, Any]:
+        retired = [k for k in cls._retired_config_keys if k in config]
+        if not retired:
+            return config
+        for key in retired:
+            logger.warning(
+                "%s: ignoring the config key %s=%r of an older version: %s Save the model again to drop it.",
+                cls.__name__, key, config[key], cls._retired_config_keys[key],
+            )
+        return {k: v for k, v in config.items() if k not in retired}
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         if isinstance(config, dict):
+            config = cls._drop_retired_config_keys(config)
             missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config and k not in kwargs]
             if missing:
                 raise ValueError(

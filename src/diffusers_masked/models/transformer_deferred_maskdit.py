@@ -10,47 +10,17 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+# diffusers' pipeline loader checks a component against the loading classes (ModelMixin, ...) it finds in the
+# component's own module, the one model_index.json names: so ModelMixin must stay importable from here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from .layers import (
-    Attention,
-    DiTBlock,
-    FeedForward,
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    init_dit_weights,
-    maybe_checkpoint,
-    round_up,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
-from .masking import (
-    check_route_ratio,
-    gather_tokens,
-    random_token_mask,
-    resolve_route_span,
-    restore_tokens,
-    run_routed_blocks,
-    token_mask_from_ids_keep,
-    training_route_ids,
-)
-from .modeling_common import (
-    MaskedModelMixin,
-    MaskedTransformer2DModelOutput,
-    check_class_labels,
-    check_common_model_args,
-    check_image_input,
-    check_int_arg,
-    check_masking_args,
-    check_no_text_input,
-    check_number_arg,
-    prepare_timestep,
-)
+from .layers import DiTBlock, FinalLayer, init_dit_weights, maybe_checkpoint, round_up, swiglu_hidden_dim
+from .masking import TokenMask, gather_tokens, restore_tokens, run_routed_blocks
+from .modeling_common import check_int_arg, check_number_arg
 from .moe import ExpertChoiceFeedForward
+from .transformer_base import MaskedTransformer2DModel
+
 
 MASK_STRATEGIES = ("deferred", "naive")
 
@@ -136,10 +106,9 @@ def attention_width(dim: int, ratio: float, head_dim: int) -> int:
 def ff_width(dim: int, ratio: float, multiple_of: int, moe: bool) -> int:
     """MLP hidden width: requested ``int(dim * ratio)``; a dense SwiGLU MLP keeps 2/3 of it (same parameters as a
     two-matrix MLP), experts keep all of it; both rounded up to ``multiple_of`` (official MicroDiT rule)."""
-    hidden = int(dim * ratio)
     if not moe:
-        hidden = int(2 * hidden / 3)
-    return round_up(hidden, multiple_of)
+        return swiglu_hidden_dim(dim, ratio, multiple_of)
+    return round_up(int(dim * ratio), multiple_of)
 
 
 def is_moe_block(index: int, num_layers: int, num_experts: int, experts_every_n: int, is_patch_mixer: bool) -> bool:
@@ -185,42 +154,6 @@ def layerwise_block_widths(
     return widths
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Caption path
-# ----------------------------------------------------------------------------------------------------------------
-class CaptionMLP(nn.Module):
-    """``linear_1 -> GELU(tanh) -> LayerNorm -> linear_2``: projects caption tokens and the pooled caption."""
-
-    def __init__(self, in_dim: int, dim: int, norm_eps: float = 1e-6):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=False)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.norm(nn.functional.gelu(self.linear_1(x), approximate="tanh")))
-
-
-class CaptionRefinerBlock(nn.Module):
-    """Plain pre-norm transformer block (self-attention + SwiGLU, no timestep modulation) over caption tokens.
-
-    Starts as the identity (zero output projections), so a fresh model sees the projected text-encoder features."""
-
-    def __init__(self, dim: int, attention_head_dim: int, ff_inner_dim: int, norm_eps: float = 1e-6):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=False)
-        self.attn = Attention(
-            dim, dim // attention_head_dim, attention_head_dim, bias=False, out_bias=False,
-            qk_norm="layer_norm_across_heads", eps=norm_eps,
-        )
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=False)
-        self.ff = FeedForward(dim, ff_inner_dim, activation_fn="swiglu", bias=False)
-
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attention_mask=attention_mask)
-        return x + self.ff(self.norm2(x))
-
-
 def _patch_mixer_map(in_dim: int, out_dim: int, norm_eps: float) -> nn.Module:
     # LayerNorm + Linear between the backbone width and the mixer width; nothing when they are equal (official).
     if in_dim == out_dim:
@@ -231,7 +164,7 @@ def _patch_mixer_map(in_dim: int, out_dim: int, norm_eps: float) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class DeferredMaskDiTTransformer2DModel(MaskedTransformer2DModel):
     r"""MicroDiT: a light patch-mixer over all tokens, then random masking, then the backbone on the kept tokens.
 
     Training (``mask_ratio > 0``, 0.75 in the paper): patch tokens (+ fixed sin-cos positions) go through the
@@ -274,99 +207,85 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         hidden_size (`int`, defaults to 1024): Backbone token width.
         num_layers (`int`, defaults to 28): Backbone blocks.
         attention_head_dim (`int`, defaults to 64): Width of one attention head (the head count varies per block).
+        ff_multiple_of (`int`, defaults to 256): MLP hidden widths are rounded up to a multiple of this.
         attention_ratios (`tuple` or `list` of `float`, defaults to `(0.5, 1.0)`): Self-attention width / token width:
             a (first, last) pair spread linearly over the backbone blocks, or one value per block.
         ff_ratios (`tuple` or `list` of `float`, defaults to `(0.5, 4.0)`): Requested MLP expansion, same format.
-        ff_multiple_of (`int`, defaults to 256): MLP hidden widths are rounded up to a multiple of this.
+        route_start (`int`, *optional*): TREAD token routing inside the backbone (off unless a forward passes
+            ``route_ratio`` / ``route_ids``): first backbone block the routed tokens skip; `None` = 2 (the TREAD
+            paper's). The patch-mixer is never routed: routing starts after the deferred mask and picks among the
+            tokens it kept. MoE blocks in the span see fewer tokens; expert-choice capacity is computed from that
+            (static) count, so shapes stay static.
+        route_end (`int`, *optional*): Last backbone block the routed tokens skip (inclusive); `None` =
+            ``num_layers - 4``, shrunk to fit small backbones. Negative values count from the end.
+        num_experts (`int`, defaults to 8): Experts per MoE MLP; 0 makes every MLP dense.
+        expert_capacity (`float`, defaults to 2.0): Capacity factor: each expert takes
+            ``int(expert_capacity * tokens / num_experts)`` tokens, so a token gets this many experts on average.
+        experts_every_n (`int`, defaults to 2): Every n-th block is MoE (the backbone's last block never is).
         patch_mixer_layers (`int`, defaults to 6): Patch-mixer blocks (0 = no mixer: deferred and naive masking agree).
         patch_mixer_hidden_size (`int`, defaults to 768): Patch-mixer width (mapped in from and out to
             ``hidden_size`` with LayerNorm + Linear when different).
         patch_mixer_attention_ratio (`float`, defaults to 1.0): Patch-mixer self-attention width / mixer width.
         patch_mixer_mlp_ratio (`float`, defaults to 4.0): Patch-mixer MLP expansion.
-        num_experts (`int`, defaults to 8): Experts per MoE MLP; 0 makes every MLP dense.
-        expert_capacity (`float`, defaults to 2.0): Capacity factor: each expert takes
-            ``int(expert_capacity * tokens / num_experts)`` tokens, so a token gets this many experts on average.
-        experts_every_n (`int`, defaults to 2): Every n-th block is MoE (the backbone's last block never is).
-        caption_channels (`int`, *optional*, defaults to 1024): Width of the text-encoder tokens (``encoder_hidden_states``);
-            `None` for a model without text conditioning.
+        mask_strategy (`str`, defaults to `"deferred"`): ``"deferred"`` masks after the patch-mixer (MicroDiT),
+            ``"naive"`` before it.
+        caption_channels (`int`, *optional*, defaults to 1024): Width of the text-encoder tokens
+            (``encoder_hidden_states``); `None` for a model without text conditioning.
         num_caption_refiner_layers (`int`, defaults to 1): Attention blocks refining the caption tokens.
         caption_refiner_mlp_ratio (`float`, defaults to 4.0): MLP expansion of the caption refiner (SwiGLU, 2/3 of it).
         num_classes (`int`, *optional*): Number of classes for class conditioning instead of text (set
             ``caption_channels=None``); id ``num_classes`` is the unconditional (null) class.
         class_dropout_prob (`float`, defaults to 0.1): Share of labels / captions the trainer replaces by the null
             class / an all-zero caption (classifier-free guidance).
-        mask_strategy (`str`, defaults to `"deferred"`): ``"deferred"`` masks after the patch-mixer (MicroDiT),
-            ``"naive"`` before it.
-        train_mask_ratio (`float`, defaults to 0.75): Mask ratio the training recipe uses; `forward` masks only what
-            its ``mask_ratio`` argument says (0 by default, for inference).
         timestep_frequency_dim (`int`, defaults to 512): Sinusoidal timestep features.
         pos_interpolation_scale (`float`, defaults to 1.0): Divides the sin-cos positions (2.0 for 512 px in the paper).
         attention_bias (`bool`, defaults to `False`): Biases in attention, MLP and mixer-map linears.
         norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
-        route_start (`int`, *optional*): TREAD token routing inside the backbone (off unless a training forward
-            passes ``route_ratio`` / ``route_ids``; eval mode never routes): first backbone block the routed tokens
-            skip; `None` = 2 (the TREAD paper's). The patch-mixer is never routed: routing starts after the deferred
-            mask and picks among the tokens it kept. MoE blocks in the span see fewer tokens; expert-choice capacity
-            is computed from that (static) count, so shapes stay static.
-        route_end (`int`, *optional*): Last backbone block the routed tokens skip (inclusive); `None` =
-            ``num_layers - 4``, shrunk to fit small backbones. Negative values count from the end.
+
+    Older versions had a ``train_mask_ratio`` config key; it is a training setting (the recipe's ``--mask_ratio``,
+    paper default `default_mask_ratio`), and saved configs that still carry it load with a note that it is ignored.
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock", "CaptionRefinerBlock"]
     _size_presets = DEFERRED_MASKDIT_SIZE_PRESETS
+    #: The paper's training mask ratio (for training recipes; `forward` masks only what it is asked to).
+    default_mask_ratio = 0.75
+    _retired_config_keys = {
+        "train_mask_ratio": "the training mask ratio is a training setting (the recipe's --mask_ratio; the paper's "
+        "0.75 is DeferredMaskDiTTransformer2DModel.default_mask_ratio), not part of the model.",
+    }
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        out_channels: Optional[int] = None,
-        hidden_size: int = 1024,
-        num_layers: int = 28,
-        attention_head_dim: int = 64,
-        attention_ratios: Sequence[float] = (0.5, 1.0),
-        ff_ratios: Sequence[float] = (0.5, 4.0),
-        ff_multiple_of: int = 256,
-        patch_mixer_layers: int = 6,
-        patch_mixer_hidden_size: int = 768,
-        patch_mixer_attention_ratio: float = 1.0,
-        patch_mixer_mlp_ratio: float = 4.0,
-        num_experts: int = 8,
-        expert_capacity: float = 2.0,
-        experts_every_n: int = 2,
-        caption_channels: Optional[int] = 1024,
-        num_caption_refiner_layers: int = 1,
-        caption_refiner_mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = None,
-        class_dropout_prob: float = 0.1,
-        mask_strategy: str = "deferred",
-        train_mask_ratio: float = 0.75,
-        timestep_frequency_dim: int = 512,
-        pos_interpolation_scale: float = 1.0,
-        attention_bias: bool = False,
-        norm_eps: float = 1e-6,
-        route_start: Optional[int] = None,
-        route_end: Optional[int] = None,
+        # Input and output.
+        sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: Optional[int] = None,
+        # Backbone (the kept tokens) with layer-wise scaling, and the span of it that TREAD routing may skip.
+        hidden_size: int = 1024, num_layers: int = 28, attention_head_dim: int = 64, ff_multiple_of: int = 256,
+        attention_ratios: Sequence[float] = (0.5, 1.0), ff_ratios: Sequence[float] = (0.5, 4.0),
+        route_start: Optional[int] = None, route_end: Optional[int] = None,
+        # Expert-choice mixture of experts in every experts_every_n-th block.
+        num_experts: int = 8, expert_capacity: float = 2.0, experts_every_n: int = 2,
+        # Patch-mixer over all tokens, and where the mask goes.
+        patch_mixer_layers: int = 6, patch_mixer_hidden_size: int = 768, patch_mixer_attention_ratio: float = 1.0,
+        patch_mixer_mlp_ratio: float = 4.0, mask_strategy: str = "deferred",
+        # Conditioning: caption tokens (or class labels) and the timestep.
+        caption_channels: Optional[int] = 1024, num_caption_refiner_layers: int = 1, caption_refiner_mlp_ratio: float = 4.0,
+        num_classes: Optional[int] = None, class_dropout_prob: float = 0.1, timestep_frequency_dim: int = 512,
+        pos_interpolation_scale: float = 1.0, attention_bias: bool = False, norm_eps: float = 1e-6,
     ):
-        super().__init__()
-        owner = type(self).__name__
-        check_common_model_args(
-            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+        super().__init__(
             widths=[("hidden_size", hidden_size, None, None),
                     ("patch_mixer_hidden_size", patch_mixer_hidden_size, None, None)],
-            depths=[("num_layers", num_layers, 1), ("patch_mixer_layers", patch_mixer_layers, 0),
-                    ("num_caption_refiner_layers", num_caption_refiner_layers, 0)],
+            depths=[("num_layers", num_layers, 1), ("patch_mixer_layers", patch_mixer_layers, 0)],
         )
+        owner = type(self).__name__
         check_int_arg(owner, "attention_head_dim", attention_head_dim, limit="width")
         check_int_arg(owner, "ff_multiple_of", ff_multiple_of, limit="width")
         check_int_arg(owner, "num_experts", num_experts, minimum=0, limit="experts")
         check_int_arg(owner, "experts_every_n", experts_every_n, minimum=0, limit="layers")
-        check_int_arg(owner, "caption_channels", caption_channels, limit="width", allow_none=True)
         check_int_arg(owner, "timestep_frequency_dim", timestep_frequency_dim, minimum=2, limit="width")
         check_number_arg(owner, "expert_capacity", expert_capacity, 0.0, low_open=True)
-        check_number_arg(owner, "train_mask_ratio", train_mask_ratio, 0.0, 1.0, high_open=True)
         check_number_arg(owner, "pos_interpolation_scale", pos_interpolation_scale, 0.0, low_open=True)
         for name, ratios in (("attention_ratios", attention_ratios), ("ff_ratios", ff_ratios),
                              ("patch_mixer_attention_ratio", patch_mixer_attention_ratio),
@@ -376,40 +295,18 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
                 check_number_arg(owner, name, ratio, 0.0, 64.0, low_open=True)
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
-        self.route_span = resolve_route_span(num_layers, route_start, route_end, owner, blocks_name="backbone blocks")
-        if caption_channels is not None and num_classes is not None:
-            raise ValueError(
-                "Use either text conditioning (caption_channels) or class conditioning (num_classes), not both: "
-                "pass caption_channels=None for a class-conditional model."
-            )
         for name, width in (("hidden_size", hidden_size), ("patch_mixer_hidden_size", patch_mixer_hidden_size)):
             if width % attention_head_dim:
                 raise ValueError(f"{name}={width} must be divisible by attention_head_dim={attention_head_dim}.")
 
-        self.out_channels = out_channels if out_channels is not None else in_channels
-        grid = sample_size // patch_size
-        self.num_tokens = grid * grid
-        mixer_dim = patch_mixer_hidden_size if patch_mixer_layers > 0 else hidden_size
-
-        # Inputs and conditioning.
-        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(hidden_size, grid, pos_interpolation_scale), persistent=False
+        # Inputs and conditioning (the caption path when text-conditioned).
+        self._init_common(
+            hidden_size, num_routed_blocks=num_layers, routed_blocks_name="backbone blocks",
+            pos_interpolation_scale=pos_interpolation_scale, timestep_frequency_dim=timestep_frequency_dim,
+            timestep_act_fn="gelu-approximate", caption_head_dim=attention_head_dim,
+            caption_ff_inner_dim=ff_width(hidden_size, caption_refiner_mlp_ratio, ff_multiple_of, moe=False),
         )
-        self.time_embed = TimestepEmbedder(hidden_size, timestep_frequency_dim, act_fn="gelu-approximate")
-        self.class_embed = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
-        if caption_channels is not None:
-            self.caption_projection = CaptionMLP(caption_channels, hidden_size, norm_eps)
-            refiner_ff = ff_width(hidden_size, caption_refiner_mlp_ratio, ff_multiple_of, moe=False)
-            self.caption_refiner = nn.ModuleList(
-                [
-                    CaptionRefinerBlock(hidden_size, attention_head_dim, refiner_ff, norm_eps)
-                    for _ in range(num_caption_refiner_layers)
-                ]
-            )
-            self.caption_pooled_projection = CaptionMLP(hidden_size, hidden_size, norm_eps)
-        else:
-            self.caption_projection = self.caption_refiner = self.caption_pooled_projection = None
+        mixer_dim = patch_mixer_hidden_size if patch_mixer_layers > 0 else hidden_size
         text_dim = hidden_size if caption_channels is not None else None
 
         # Patch-mixer (all tokens), with maps from / to the backbone width.
@@ -438,7 +335,6 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
             hidden_size, hidden_size, patch_size, self.out_channels,
             adaln_activation="gelu-approximate", norm_elementwise_affine=True, norm_eps=norm_eps,
         )
-        self.gradient_checkpointing = False
         self._init_weights()
 
     def _make_block(self, dim: int, widths: BlockWidths, cross_attention_dim: Optional[int]) -> DiTBlock:
@@ -467,11 +363,8 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
 
     def _init_weights(self) -> None:
         init_dit_weights(self)  # xavier linears, adaLN-Zero, zero output layer
+        self._init_caption_weights()
         trunc = nn.init.trunc_normal_
-        for mlp in (self.caption_projection, self.caption_pooled_projection):
-            if mlp is not None:
-                nn.init.normal_(mlp.linear_1.weight, std=0.02)
-                nn.init.normal_(mlp.linear_2.weight, std=0.02)
         # Official "depth init": output projections of block i get std 0.02 / sqrt(2 (i + 1)); mixer blocks use
         # the backbone's last value.
         stacks = [(self.transformer_blocks, None), (self.patch_mixer_blocks, self.config.num_layers)]
@@ -491,144 +384,16 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
                 else:
                     trunc(block.ff.net[0].proj.weight, std=0.02)
                     trunc(block.ff.net[2].weight, std=out_std)
-        # The caption refiner starts as the identity.
-        for block in self.caption_refiner or []:
-            nn.init.zeros_(block.attn.to_out[0].weight)
-            nn.init.zeros_(block.ff.net[2].weight)
 
-    @property
-    def null_class_id(self) -> Optional[int]:
-        """Class id of the unconditional class (``num_classes``), or `None` for a model without classes."""
-        return self.config.num_classes
-
-    @property
-    def is_text_conditioned(self) -> bool:
-        return self.config.caption_channels is not None
-
-    # ------------------------------------------------------------------------------------------------------------
-    def _caption_key_mask(
-        self, encoder_attention_mask: Optional[torch.Tensor], batch_size: int, length: int, device: torch.device
-    ) -> torch.Tensor:
-        """(B, L) bool, True = real token; a row with no real token attends to all (avoids NaN softmax)."""
-        if encoder_attention_mask is None:
-            return torch.ones(batch_size, length, dtype=torch.bool, device=device)
-        if encoder_attention_mask.shape != (batch_size, length):
-            raise ValueError(
-                f"encoder_attention_mask must have shape (batch, caption_tokens) = ({batch_size}, {length}) with "
-                f"1 for real tokens and 0 for padding, got {tuple(encoder_attention_mask.shape)}."
-            )
-        keep = encoder_attention_mask.to(device) > 0
-        return keep | ~keep.any(dim=1, keepdim=True)
-
-    def encode_captions(
-        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project and refine caption tokens.
-
-        Returns:
-            tokens (B, L, hidden_size): refined caption tokens for cross-attention; pooled (B, hidden_size): their
-            mean over real tokens through an MLP (added to the timestep embedding); key_mask (B, L) bool.
-        """
-        b, length, _ = encoder_hidden_states.shape
-        keep = self._caption_key_mask(encoder_attention_mask, b, length, encoder_hidden_states.device)
-        attn_mask = keep[:, None, None, :]
-        y = self.caption_projection(encoder_hidden_states)
-        for block in self.caption_refiner:
-            y = maybe_checkpoint(self, block, y, attn_mask)
-        weights = keep.to(y.dtype).unsqueeze(-1)
-        pooled = (y * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        return y, self.caption_pooled_projection(pooled), keep
-
-    def _check_text_inputs(self, encoder_hidden_states: Optional[torch.Tensor], batch_size: int) -> None:
-        name = type(self).__name__
-        if not self.is_text_conditioned:
-            check_no_text_input(self, encoder_hidden_states)
-            return
-        c = self.config.caption_channels
-        if encoder_hidden_states is None:
-            raise ValueError(
-                f"This {name} is text-conditioned: pass encoder_hidden_states of shape ({batch_size}, tokens, {c}) "
-                "(text-encoder last hidden state); use an all-zero tensor for the unconditional caption."
-            )
-        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch_size or encoder_hidden_states.shape[2] != c:
-            raise ValueError(
-                f"encoder_hidden_states must have shape ({batch_size}, tokens, {c}), got "
-                f"{tuple(encoder_hidden_states.shape)}; caption_channels must equal the text encoder's hidden size."
-            )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.LongTensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        encoder_attention_mask: Optional[torch.Tensor] = None,
-        mask_ratio: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        ids_keep: Optional[torch.LongTensor] = None,
-        return_dict: bool = True,
-        route_ratio: float = 0.0,
-        route_ids: Optional[torch.LongTensor] = None,
-    ) -> Union[MaskedTransformer2DModelOutput, tuple]:
-        """
-        Args:
-            hidden_states (`torch.Tensor` of shape (B, in_channels, sample_size, sample_size)): Noisy input (already
-                scaled by the scheduler's `scale_model_input`).
-            timestep (`torch.Tensor` or number): Scalar or (B,): EDM's ``c_noise = ln(sigma) / 4`` or a DDPM step.
-            class_labels (`torch.LongTensor` of shape (B,), *optional*): Class ids for a class-conditional model;
-                ``num_classes`` = unconditional.
-            encoder_hidden_states (`torch.Tensor` of shape (B, L, caption_channels), *optional*): Text-encoder tokens
-                for a text-conditioned model; all zeros = the unconditional caption.
-            encoder_attention_mask (`torch.Tensor` of shape (B, L), *optional*): 1 (or True) for real caption tokens,
-                0 for padding; `None` = all real.
-            mask_ratio (`float`, defaults to 0.0): Share of tokens removed before the backbone, in [0, 1).
-            generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
-            ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
-                mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
-                (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
-            return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
-            route_ratio (`float`, defaults to 0.0): TREAD routing inside the backbone, training mode only: share of
-                the backbone's tokens (those the mask kept) that skip backbone blocks ``route_start..route_end``, in
-                [0, 1); 0 = off. Ignored in eval mode (inference runs every token through every block).
-            route_ids (`torch.LongTensor` of shape (B, K'), *optional*): Ids, into the K tokens the backbone sees,
-                of the tokens that go through the span; replaces the random draw (``route_ratio`` is then ignored).
-                Training mode only, like ``route_ratio``.
-
-        Returns:
-            ``sample`` (B, out_channels, H, W): the prediction, zero at masked tokens (only kept tokens are trained);
-            ``mask`` (B, N) bool, True where a token was masked, or `None` when nothing was masked.
-        """
-        check_image_input(self, hidden_states)
-        ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
-        check_route_ratio(route_ratio, type(self).__name__)
-        b, _, h, w = hidden_states.shape
-        device = hidden_states.device
-        self._check_text_inputs(encoder_hidden_states, b)
-        timestep = prepare_timestep(timestep, b, device)
-        class_labels = check_class_labels(self, class_labels, b)
-
-        cond = self.time_embed(timestep, hidden_states.dtype)
-        if self.class_embed is not None:
-            cond = cond + self.class_embed(class_labels)
-        text = text_mask = mixer_text = None
-        if self.is_text_conditioned:
-            text, pooled, keep = self.encode_captions(encoder_hidden_states.to(hidden_states.dtype), encoder_attention_mask)
-            cond = cond + pooled
-            text_mask = keep[:, None, None, :]
-            mixer_text = self.patch_mixer_caption_proj(text)
-
-        token_mask = None
-        if ids_keep is not None:
-            token_mask = token_mask_from_ids_keep(ids_keep.to(device), self.num_tokens)
-        elif mask_ratio > 0:
-            token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
+    def forward_tokens(self, hidden_states: torch.Tensor, cond: torch.Tensor, token_mask: Optional[TokenMask] = None,
+                       route_ids: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                       text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Patch-mixer over all tokens, the mask (after the mixer, or before it with ``mask_strategy="naive"``),
+        backbone on the kept tokens; no decoder: masked tokens get a zero prediction and are left out of the loss
+        (see `MaskedTransformer2DModel.forward_tokens`)."""
+        mixer_text = self.patch_mixer_caption_proj(text) if text is not None else None
         deferred = self.config.mask_strategy == "deferred"
-        num_backbone_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
-        route_ids = training_route_ids(
-            route_ids, route_ratio, self.training, b, num_backbone_tokens, type(self).__name__, device=device, generator=generator
-        )
-
-        x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
+        x = self.embed_patches(hidden_states)
         if token_mask is not None and not deferred:
             x = gather_tokens(x, token_mask.ids_keep)
         x = self.patch_mixer_proj_in(x)
@@ -645,10 +410,5 @@ class DeferredMaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixi
         )
         x = self.final_layer(x, cond)
         if token_mask is not None:
-            # No decoder: masked tokens get a zero prediction and are left out of the loss.
             x = restore_tokens(x, token_mask.ids_restore, x.new_zeros(x.shape[-1]))
-        sample = unpatchify(x, self.config.patch_size, self.out_channels, h, w)
-        mask = token_mask.mask if token_mask is not None else None
-        if not return_dict:
-            return (sample, mask)
-        return MaskedTransformer2DModelOutput(sample=sample, mask=mask)
+        return x

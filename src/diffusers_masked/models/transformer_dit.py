@@ -3,54 +3,22 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+# diffusers' pipeline loader checks a component against the loading classes (ModelMixin, ...) it finds in the
+# component's own module, the one model_index.json names: so ModelMixin must stay importable from here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from .layers import (
-    DiTBlock,
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    init_dit_weights,
-    maybe_checkpoint,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
-from .masking import (
-    DEFAULT_ROUTE_RATIO,
-    check_ids_keep,
-    check_route_ratio,
-    random_route_ids,
-    resolve_route_span,
-    run_routed_blocks,
-)
-from .modeling_common import (
-    MaskedModelMixin,
-    MaskedTransformer2DModelOutput,
-    check_class_labels,
-    check_common_model_args,
-    check_image_input,
-    check_no_text_input,
-    check_number_arg,
-    prepare_timestep,
-)
-
-#: DiT paper sizes (Table 1 of Peebles & Xie); patch 2, 4 or 8.
-DIT_SIZE_PRESETS = {
-    "S": dict(num_layers=12, hidden_size=384, num_attention_heads=6),
-    "B": dict(num_layers=12, hidden_size=768, num_attention_heads=12),
-    "L": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
-    "XL": dict(num_layers=28, hidden_size=1152, num_attention_heads=16),
-}
+from .layers import DiTBlock, FinalLayer, init_dit_weights, maybe_checkpoint
+from .masking import DEFAULT_ROUTE_RATIO, TokenMask, run_routed_blocks
+from .modeling_common import check_number_arg
+from .transformer_base import DIT_SIZE_PRESETS, MaskedTransformer2DModel
 
 
-class RoutedDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class RoutedDiTTransformer2DModel(MaskedTransformer2DModel):
     r"""An unmasked DiT over all tokens that can be trained with TREAD token routing.
 
     Without routing (``route_ratio=0``, the default, and always at inference) this is DiT: patch tokens + fixed
@@ -83,75 +51,55 @@ class RoutedDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, Pef
     | XL/2, XL/4, XL/8 | 28 | 1152 | 16 | 2/4/8 | 2..24 |
 
     Args:
+        hidden_size (`int`, defaults to 1152): Token width.
+        num_layers (`int`, defaults to 28): Transformer blocks.
+        num_attention_heads (`int`, defaults to 16): Heads per block.
+        route_start (`int`, *optional*): First block the routed tokens skip; `None` = 2 (the paper's). Negative
+            values count from the end.
+        route_end (`int`, *optional*): Last block the routed tokens skip (inclusive); `None` = ``num_layers - 4``
+            (the paper's), shrunk to fit small models. Negative values count from the end.
+        mlp_ratio (`float`, defaults to 4.0): MLP expansion of the blocks.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        learn_sigma (`bool`, defaults to `False`): Predict a variance too (doubles the output channels), as DiT with
+            a DDPM ``learned_range`` scheduler.
         sample_size (`int`, defaults to 32): Height = width of the input (latent or pixel) the positions are built for.
         patch_size (`int`, defaults to 2): Patch side.
         in_channels (`int`, defaults to 4): Input channels.
         out_channels (`int`, *optional*): Output channels; defaults to ``in_channels`` (``2 * in_channels`` with
             ``learn_sigma``).
-        hidden_size (`int`, defaults to 1152): Token width.
-        num_layers (`int`, defaults to 28): Transformer blocks.
-        num_attention_heads (`int`, defaults to 16): Heads per block.
-        mlp_ratio (`float`, defaults to 4.0): MLP expansion of the blocks.
         num_classes (`int`, *optional*, defaults to 1000): Number of classes; `None` for an unconditional model.
             Id ``num_classes`` is the unconditional (null) class used by classifier-free guidance.
         class_dropout_prob (`float`, defaults to 0.1): Share of labels the trainer replaces by the null class.
-        learn_sigma (`bool`, defaults to `False`): Predict a variance too (doubles the output channels), as DiT with
-            a DDPM ``learned_range`` scheduler.
-        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         timestep_freq_shift (`float`, defaults to 0.0): ``downscale_freq_shift`` of the timestep sinusoid: 0 as the
             official DiT / MaskDiT / TREAD code, 1 as diffusers' `DiTTransformer2DModel`.
-        route_start (`int`, *optional*): First block the routed tokens skip; `None` = 2 (the paper's). Negative
-            values count from the end.
-        route_end (`int`, *optional*): Last block the routed tokens skip (inclusive); `None` = ``num_layers - 4``
-            (the paper's), shrunk to fit small models. Negative values count from the end.
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _size_presets = DIT_SIZE_PRESETS
+    #: DiT has no decoder to fill removed tokens: it routes (TREAD) but never masks.
+    supports_masking = False
     #: The TREAD paper's training route ratio (share of tokens that skip the span).
     default_route_ratio = DEFAULT_ROUTE_RATIO
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        out_channels: Optional[int] = None,
-        hidden_size: int = 1152,
-        num_layers: int = 28,
-        num_attention_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = 1000,
-        class_dropout_prob: float = 0.1,
-        learn_sigma: bool = False,
-        norm_eps: float = 1e-6,
-        timestep_freq_shift: float = 0.0,
-        route_start: Optional[int] = None,
-        route_end: Optional[int] = None,
+        # Blocks, and the span of them that TREAD routing may skip.
+        hidden_size: int = 1152, num_layers: int = 28, num_attention_heads: int = 16,
+        route_start: Optional[int] = None, route_end: Optional[int] = None,
+        mlp_ratio: float = 4.0, norm_eps: float = 1e-6, learn_sigma: bool = False,
+        # Input and output.
+        sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: Optional[int] = None,
+        # Conditioning: class labels and the timestep sinusoid.
+        num_classes: Optional[int] = 1000, class_dropout_prob: float = 0.1, timestep_freq_shift: float = 0.0,
     ):
-        super().__init__()
-        owner = type(self).__name__
-        check_common_model_args(
-            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+        super().__init__(
             widths=[("hidden_size", hidden_size, "num_attention_heads", num_attention_heads)],
             depths=[("num_layers", num_layers, 1)],
         )
-        check_number_arg(owner, "mlp_ratio", mlp_ratio, 0.0, 64.0, low_open=True)
-        check_number_arg(owner, "timestep_freq_shift", timestep_freq_shift, 0.0, 1.0)
-        self.route_span = resolve_route_span(num_layers, route_start, route_end, owner, blocks_name="blocks")
-        if out_channels is None:
-            out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.out_channels = out_channels
-        grid = sample_size // patch_size
-        self.num_tokens = grid * grid
-
-        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid), persistent=False)
-        self.time_embed = TimestepEmbedder(hidden_size)
-        self.time_embed.time_proj.downscale_freq_shift = float(timestep_freq_shift)
-        self.class_embed = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
+        check_number_arg(type(self).__name__, "timestep_freq_shift", timestep_freq_shift, 0.0, 1.0)
+        self._init_common(hidden_size, num_routed_blocks=num_layers, routed_blocks_name="blocks",
+                          timestep_freq_shift=float(timestep_freq_shift))
         self.blocks = nn.ModuleList(
             [
                 DiTBlock(hidden_size, num_attention_heads, hidden_size // num_attention_heads, mlp_ratio=mlp_ratio,
@@ -159,90 +107,20 @@ class RoutedDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, Pef
                 for _ in range(num_layers)
             ]
         )
-        self.final_layer = FinalLayer(hidden_size, hidden_size, patch_size, out_channels, norm_eps=norm_eps)
-        self.gradient_checkpointing = False
+        self.final_layer = FinalLayer(hidden_size, hidden_size, patch_size, self.out_channels, norm_eps=norm_eps)
         init_dit_weights(self)
 
-    @property
-    def null_class_id(self) -> Optional[int]:
-        """Class id of the unconditional class (``num_classes``), or `None` for an unconditional model."""
-        return self.config.num_classes
-
-    def _check_routing(self, route_ratio: float, route_ids: Optional[torch.Tensor], mask_ratio: float,
-                       ids_keep: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:
-        name = type(self).__name__
-        if ids_keep is not None or (not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool)
-                                    or mask_ratio != 0):
-            raise ValueError(
-                f"{name} does not mask (got mask_ratio={mask_ratio!r}{', ids_keep' if ids_keep is not None else ''}): "
-                "DiT has no decoder to fill removed tokens. Use route_ratio (TREAD routing: tokens skip blocks and "
-                "come back) for cheaper training, or MaskDiTTransformer2DModel for masked training."
-            )
-        check_route_ratio(route_ratio, name)
-        if route_ids is None:
-            return None
-        return check_ids_keep(route_ids, batch_size, self.num_tokens, owner=f"{name} route_ids")
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.LongTensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        encoder_attention_mask: Optional[torch.Tensor] = None,
-        mask_ratio: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        ids_keep: Optional[torch.LongTensor] = None,
-        route_ratio: float = 0.0,
-        route_ids: Optional[torch.LongTensor] = None,
-        return_dict: bool = True,
-    ) -> Union[MaskedTransformer2DModelOutput, tuple]:
-        """
-        Args:
-            hidden_states (`torch.Tensor` of shape (B, in_channels, sample_size, sample_size)): Noisy input (already
-                scaled by the scheduler's `scale_model_input`).
-            timestep (`torch.Tensor` or number): Scalar or (B,): a DDPM step or EDM's ``c_noise``.
-            class_labels (`torch.LongTensor` of shape (B,), *optional*): Class ids; ``num_classes`` = unconditional.
-            encoder_hidden_states, encoder_attention_mask: Unused (no text conditioning); accepted so that every
-                model of this package shares one signature.
-            mask_ratio (`float`, defaults to 0.0), ids_keep: Part of the shared signature; DiT does not mask, so
-                anything but 0 / None raises a ValueError that points to ``route_ratio``.
-            generator (`torch.Generator`, *optional*): Makes the random route reproducible (eager mode; compiled
-                training passes ``route_ids`` instead, a generator cannot be traced).
-            route_ratio (`float`, defaults to 0.0): Share of tokens that skip blocks ``route_start..route_end``, in
-                [0, 1). 0 at inference. The paper trains with 0.5.
-            route_ids (`torch.LongTensor` of shape (B, K), *optional*): Ids of the tokens that go through the span
-                (the others skip it); given, it replaces the random draw and ``route_ratio`` is ignored.
-            return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
-
-        Returns:
-            `MaskedTransformer2DModelOutput` with ``sample`` (B, out_channels, H, W) for every token, and
-            ``mask=None`` (routing removes nothing from the output).
-        """
-        check_image_input(self, hidden_states)
-        b, _, h, w = hidden_states.shape
-        route_ids = self._check_routing(route_ratio, route_ids, mask_ratio, ids_keep, b)
-        check_no_text_input(self, encoder_hidden_states)
-        device = hidden_states.device
-        timestep = prepare_timestep(timestep, b, device)
-        class_labels = check_class_labels(self, class_labels, b)
-
-        cond = self.time_embed(timestep, hidden_states.dtype)
-        if self.class_embed is not None:
-            cond = cond + self.class_embed(class_labels)
-        if route_ids is None and route_ratio > 0:
-            route_ids = random_route_ids(b, self.num_tokens, route_ratio, device=device, generator=generator)
-
-        x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
+    def forward_tokens(self, hidden_states: torch.Tensor, cond: torch.Tensor, token_mask: Optional[TokenMask] = None,
+                       route_ids: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                       text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All tokens through every block, the routed ones past blocks ``route_start..route_end`` (see
+        `MaskedTransformer2DModel.forward_tokens`; DiT never masks, so ``token_mask`` is always `None`)."""
+        x = self.embed_patches(hidden_states)
         blocks = self.blocks
         x = run_routed_blocks(
             x, len(blocks), lambda i, t: maybe_checkpoint(self, blocks[i], t, cond), route_ids, self.route_span
         )
-        x = self.final_layer(x, cond)
-        sample = unpatchify(x, self.config.patch_size, self.out_channels, h, w)
-        if not return_dict:
-            return (sample, None)
-        return MaskedTransformer2DModelOutput(sample=sample, mask=None)
+        return self.final_layer(x, cond)
 
     # ---- diffusers' DiT ----------------------------------------------------------------------------------------
     @classmethod

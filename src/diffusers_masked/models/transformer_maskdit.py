@@ -2,56 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+# diffusers' pipeline loader checks a component against the loading classes (ModelMixin, ...) it finds in the
+# component's own module, the one model_index.json names: so ModelMixin must stay importable from here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from .layers import (
-    DiTBlock,
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    init_dit_weights,
-    maybe_checkpoint,
-    modulate,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
-from .masking import (
-    check_ids_keep,
-    check_route_ratio,
-    gather_tokens,
-    random_route_ids,
-    random_token_mask,
-    resolve_route_span,
-    restore_tokens,
-    run_routed_blocks,
-    token_mask_from_ids_keep,
-)
-from .modeling_common import (
-    MaskedModelMixin,
-    MaskedTransformer2DModelOutput,
-    check_class_labels,
-    check_common_model_args,
-    check_image_input,
-    check_masking_args,
-    check_no_text_input,
-    check_number_arg,
-    prepare_timestep,
-)
+from .layers import DiTBlock, FinalLayer, init_dit_weights, maybe_checkpoint, modulate, sincos_pos_embed_2d
+from .masking import TokenMask, gather_tokens, restore_tokens, run_routed_blocks
+from .transformer_base import DIT_SIZE_PRESETS, MaskedTransformer2DModel, text_block_args
+
 
 #: Encoder sizes of the paper / official code (DiT sizes). Every size uses the 8 x 512 (16 heads) decoder.
-MASKDIT_SIZE_PRESETS = {
-    "S": dict(num_layers=12, hidden_size=384, num_attention_heads=6),
-    "B": dict(num_layers=12, hidden_size=768, num_attention_heads=12),
-    "L": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
-    "XL": dict(num_layers=28, hidden_size=1152, num_attention_heads=16),
-}
+MASKDIT_SIZE_PRESETS = DIT_SIZE_PRESETS
 
 
 class MaskDiTEncoderToDecoder(nn.Module):
@@ -68,13 +34,20 @@ class MaskDiTEncoderToDecoder(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
-class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MaskDiTTransformer2DModel(MaskedTransformer2DModel):
     r"""MaskDiT: a DiT encoder that sees only the unmasked tokens and a light decoder over all tokens.
 
     Training (``mask_ratio > 0``): patch tokens (+ fixed sin-cos positions) are masked at random, keeping the same
     number per sample; the encoder runs on the kept tokens only; a bridge maps them to the decoder width; one shared
     learnable ``mask_token`` fills the masked places; decoder positions are added again; the decoder predicts every
     token. Inference (``mask_ratio == 0``) is an ordinary encoder-decoder DiT over all tokens.
+
+    Conditioning: class labels (the paper's ImageNet setting, the default), or caption tokens when
+    ``caption_channels`` is set: the text-encoder tokens are projected and refined (`CaptionRefinerBlock`), every
+    encoder and decoder block cross-attends to them, and their pooled mean is added to the timestep embedding of the
+    adaLN conditioning, as DeferredMaskDiT (MicroDiT) does. The caption branch of every block starts at zero, so a
+    fresh text model starts as the plain DiT (adaLN-Zero). The unconditional caption of classifier-free guidance is
+    an all-zero caption embedding (MicroDiT's), which the trainer's caption dropout feeds and the pipeline uses.
 
     The model is a raw network: what ``sample`` means (EDM's F, epsilon, v) is fixed by the scheduler it is trained
     and sampled with (EDM by default, as the paper).
@@ -99,77 +72,66 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         in_channels (`int`, defaults to 4): Input channels.
         out_channels (`int`, *optional*): Output channels; defaults to ``in_channels`` (``2 * in_channels`` with
             ``learn_sigma``).
-        hidden_size (`int`, defaults to 1152): Encoder width.
+        hidden_size (`int`, defaults to 1152): Encoder width (also the conditioning width).
         num_layers (`int`, defaults to 28): Encoder blocks.
         num_attention_heads (`int`, defaults to 16): Encoder heads.
-        decoder_hidden_size (`int`, defaults to 512): Decoder width.
-        num_decoder_layers (`int`, defaults to 8): Decoder blocks.
-        decoder_num_attention_heads (`int`, defaults to 16): Decoder heads.
-        mlp_ratio (`float`, defaults to 4.0): MLP expansion of encoder and decoder blocks.
-        num_classes (`int`, *optional*, defaults to 1000): Number of classes; `None` for an unconditional model.
-            Id ``num_classes`` is the unconditional (null) class used by classifier-free guidance.
-        class_dropout_prob (`float`, defaults to 0.1): Share of labels the trainer replaces by the null class.
-        learn_sigma (`bool`, defaults to `False`): Predict a variance too (doubles the output channels).
-        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         route_start (`int`, *optional*): TREAD token routing inside the encoder (off unless a forward passes
             ``route_ratio`` / ``route_ids``): first encoder block the routed tokens skip; `None` = 2 (the TREAD
             paper's). Routing composes with masking: it picks among the tokens the mask kept.
         route_end (`int`, *optional*): Last encoder block the routed tokens skip (inclusive); `None` =
             ``num_layers - 4``, shrunk to fit small encoders. Negative values count from the end.
+        decoder_hidden_size (`int`, defaults to 512): Decoder width.
+        num_decoder_layers (`int`, defaults to 8): Decoder blocks.
+        decoder_num_attention_heads (`int`, defaults to 16): Decoder heads.
+        mlp_ratio (`float`, defaults to 4.0): MLP expansion of encoder and decoder blocks.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        learn_sigma (`bool`, defaults to `False`): Predict a variance too (doubles the output channels).
+        num_classes (`int`, *optional*, defaults to 1000): Classes of a class-conditional model (ImageNet's 1000 in
+            the paper); `None` for an unconditional one. Id ``num_classes`` is the unconditional (null) class used by
+            classifier-free guidance.
+        class_dropout_prob (`float`, defaults to 0.1): Share of labels (captions) the trainer replaces by the null
+            class (the all-zero caption).
+        caption_channels (`int`, *optional*): Text conditioning instead of classes (set ``num_classes=None``): width
+            of the text-encoder tokens (``encoder_hidden_states``), cross-attended by every encoder and decoder block.
+            `None` (the default): no text path, and the state dict of the class-conditional model.
+        num_caption_refiner_layers (`int`, defaults to 1): Attention blocks refining the caption tokens (text models).
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["DiTBlock"]
+    _no_split_modules = ["DiTBlock", "CaptionRefinerBlock"]
     _size_presets = MASKDIT_SIZE_PRESETS
-    #: The paper's training mask ratio.
+    #: The paper's training mask ratio (for training recipes; `forward` masks only what it is asked to).
     default_mask_ratio = 0.5
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        out_channels: Optional[int] = None,
-        hidden_size: int = 1152,
-        num_layers: int = 28,
-        num_attention_heads: int = 16,
-        decoder_hidden_size: int = 512,
-        num_decoder_layers: int = 8,
-        decoder_num_attention_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = 1000,
-        class_dropout_prob: float = 0.1,
-        learn_sigma: bool = False,
-        norm_eps: float = 1e-6,
-        route_start: Optional[int] = None,
-        route_end: Optional[int] = None,
+        # Input and output.
+        sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: Optional[int] = None,
+        # Encoder (the kept tokens), and the span of it that TREAD routing may skip.
+        hidden_size: int = 1152, num_layers: int = 28, num_attention_heads: int = 16,
+        route_start: Optional[int] = None, route_end: Optional[int] = None,
+        # Decoder (all tokens), and what both stacks share.
+        decoder_hidden_size: int = 512, num_decoder_layers: int = 8, decoder_num_attention_heads: int = 16,
+        mlp_ratio: float = 4.0, norm_eps: float = 1e-6, learn_sigma: bool = False,
+        # Conditioning: class labels (the default), or caption tokens when caption_channels is set.
+        num_classes: Optional[int] = 1000, class_dropout_prob: float = 0.1,
+        caption_channels: Optional[int] = None, num_caption_refiner_layers: int = 1,
     ):
-        super().__init__()
-        owner = type(self).__name__
-        check_common_model_args(
-            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+        super().__init__(
             widths=[("hidden_size", hidden_size, "num_attention_heads", num_attention_heads),
                     ("decoder_hidden_size", decoder_hidden_size, "decoder_num_attention_heads",
                      decoder_num_attention_heads)],
             depths=[("num_layers", num_layers, 1), ("num_decoder_layers", num_decoder_layers, 0)],
         )
-        check_number_arg(owner, "mlp_ratio", mlp_ratio, 0.0, 64.0, low_open=True)
-        self.route_span = resolve_route_span(num_layers, route_start, route_end, owner, blocks_name="encoder blocks")
-        if out_channels is None:
-            out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.out_channels = out_channels
+        self._init_common(hidden_size, num_routed_blocks=num_layers, routed_blocks_name="encoder blocks")
         grid = sample_size // patch_size
-        self.num_tokens = grid * grid
-
-        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid), persistent=False)
-        self.time_embed = TimestepEmbedder(hidden_size)
-        self.class_embed = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
+        # Cross-attention to the caption tokens (hidden_size wide) in every block of a text-conditioned model.
+        text_dim = hidden_size if caption_channels is not None else None
 
         self.encoder_blocks = nn.ModuleList(
             [
-                DiTBlock(hidden_size, num_attention_heads, hidden_size // num_attention_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps)
+                DiTBlock(hidden_size, num_attention_heads, hidden_size // num_attention_heads, mlp_ratio=mlp_ratio,
+                         norm_eps=norm_eps, cross_attention_dim=text_dim, cross_attention_heads=num_attention_heads)
                 for _ in range(num_layers)
             ]
         )
@@ -185,12 +147,13 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
                     cond_dim=hidden_size,
                     mlp_ratio=mlp_ratio,
                     norm_eps=norm_eps,
+                    cross_attention_dim=text_dim,
+                    cross_attention_heads=decoder_num_attention_heads,
                 )
                 for _ in range(num_decoder_layers)
             ]
         )
-        self.final_layer = FinalLayer(decoder_hidden_size, hidden_size, patch_size, out_channels, norm_eps=norm_eps)
-        self.gradient_checkpointing = False
+        self.final_layer = FinalLayer(decoder_hidden_size, hidden_size, patch_size, self.out_channels, norm_eps=norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -201,96 +164,36 @@ class MaskDiTTransformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftA
         nn.init.zeros_(self.encoder_to_decoder.proj.weight)
         nn.init.zeros_(self.encoder_to_decoder.proj.bias)
         nn.init.normal_(self.mask_token, std=0.02)
+        self._init_caption_weights(zero_cross_attention=True)
 
-    @property
-    def null_class_id(self) -> Optional[int]:
-        """Class id of the unconditional class (``num_classes``), or `None` for an unconditional model."""
-        return self.config.num_classes
-
-    def encode(
-        self,
-        hidden_states: torch.Tensor,
-        cond: torch.Tensor,
-        ids_keep: Optional[torch.Tensor] = None,
-        route_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def encode(self, hidden_states: torch.Tensor, cond: torch.Tensor, ids_keep: Optional[torch.Tensor] = None,
+               route_ids: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+               text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoder over the kept tokens (all tokens when ``ids_keep`` is None); returns (B, K, hidden_size).
-        ``route_ids`` (B, K'), ids into the K kept tokens, route the others past the encoder's route span."""
-        x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
+        ``route_ids`` (B, K'), ids into the K kept tokens, route the others past the encoder's route span; ``text``
+        / ``text_mask``: the caption tokens of a text-conditioned model (see `encode_captions`)."""
+        x = self.embed_patches(hidden_states)
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)
         blocks = self.encoder_blocks
+        text_args = text_block_args(text, text_mask)
         return run_routed_blocks(
-            x, len(blocks), lambda i, t: maybe_checkpoint(self, blocks[i], t, cond), route_ids, self.route_span
+            x, len(blocks), lambda i, t: maybe_checkpoint(self, blocks[i], t, cond, None, *text_args), route_ids,
+            self.route_span,
         )
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.LongTensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        encoder_attention_mask: Optional[torch.Tensor] = None,
-        mask_ratio: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        ids_keep: Optional[torch.LongTensor] = None,
-        return_dict: bool = True,
-        route_ratio: float = 0.0,
-        route_ids: Optional[torch.LongTensor] = None,
-    ) -> Union[MaskedTransformer2DModelOutput, tuple]:
-        """
-        Args:
-            hidden_states (`torch.Tensor` of shape (B, in_channels, sample_size, sample_size)): Noisy input (already
-                scaled by the scheduler's `scale_model_input`).
-            timestep (`torch.Tensor` or number): Scalar or (B,): a DDPM step or EDM's ``c_noise``.
-            class_labels (`torch.LongTensor` of shape (B,), *optional*): Class ids; ``num_classes`` = unconditional.
-            encoder_hidden_states, encoder_attention_mask: Unused (MaskDiT has no text conditioning); accepted so
-                that every model of this package shares one signature.
-            mask_ratio (`float`, defaults to 0.0): Share of tokens to remove before the encoder, in [0, 1).
-            generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
-            ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
-                mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
-                (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
-            return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
-            route_ratio (`float`, defaults to 0.0): TREAD routing inside the encoder: share of the encoder's tokens
-                (those the mask kept) that skip encoder blocks ``route_start..route_end``, in [0, 1); 0 = off.
-            route_ids (`torch.LongTensor` of shape (B, K'), *optional*): Ids, into the K tokens the encoder sees,
-                of the tokens that go through the span; replaces the random draw (``route_ratio`` is then ignored).
-        """
-        check_image_input(self, hidden_states)
-        ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
-        check_route_ratio(route_ratio, type(self).__name__)
-        check_no_text_input(self, encoder_hidden_states)
-        b, _, h, w = hidden_states.shape
-        device = hidden_states.device
-        timestep = prepare_timestep(timestep, b, device)
-        class_labels = check_class_labels(self, class_labels, b)
-
-        cond = self.time_embed(timestep, hidden_states.dtype)
-        if self.class_embed is not None:
-            cond = cond + self.class_embed(class_labels)
-
-        token_mask = None
-        if ids_keep is not None:
-            token_mask = token_mask_from_ids_keep(ids_keep.to(device), self.num_tokens)
-        elif mask_ratio > 0:
-            token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
-
-        num_encoder_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
-        if route_ids is not None:
-            route_ids = check_ids_keep(route_ids, b, num_encoder_tokens, owner=f"{type(self).__name__} route_ids")
-        elif route_ratio > 0:
-            route_ids = random_route_ids(b, num_encoder_tokens, route_ratio, device=device, generator=generator)
-        x = self.encode(hidden_states, cond, token_mask.ids_keep if token_mask is not None else None, route_ids)
+    def forward_tokens(self, hidden_states: torch.Tensor, cond: torch.Tensor, token_mask: Optional[TokenMask] = None,
+                       route_ids: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                       text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder on the kept tokens, bridge, mask token at the masked places, decoder over all tokens (see
+        `MaskedTransformer2DModel.forward_tokens`)."""
+        ids_keep = token_mask.ids_keep if token_mask is not None else None
+        x = self.encode(hidden_states, cond, ids_keep, route_ids, text, text_mask)
         x = self.encoder_to_decoder(x, cond)
         if token_mask is not None:
             x = restore_tokens(x, token_mask.ids_restore, self.mask_token)
         x = x + self.decoder_pos_embed.to(x.dtype)
+        text_args = text_block_args(text, text_mask)
         for block in self.decoder_blocks:
-            x = maybe_checkpoint(self, block, x, cond)
-        x = self.final_layer(x, cond)
-        sample = unpatchify(x, self.config.patch_size, self.out_channels, h, w)
-        mask = token_mask.mask if token_mask is not None else None
-        if not return_dict:
-            return (sample, mask)
-        return MaskedTransformer2DModelOutput(sample=sample, mask=mask)
+            x = maybe_checkpoint(self, block, x, cond, None, *text_args)
+        return self.final_layer(x, cond)

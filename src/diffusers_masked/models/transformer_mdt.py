@@ -2,58 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+# diffusers' pipeline loader checks a component against the loading classes (ModelMixin, ...) it finds in the
+# component's own module, the one model_index.json names: so ModelMixin must stay importable from here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from .layers import (
-    DiTBlock,
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    init_dit_weights,
-    maybe_checkpoint,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
-from .masking import (
-    TokenMask,
-    check_route_ratio,
-    gather_tokens,
-    random_token_mask,
-    resolve_route_span,
-    restore_tokens,
-    route_enter,
-    route_exit,
-    token_mask_from_ids_keep,
-    training_route_ids,
-)
-from .modeling_common import (
-    MaskedModelMixin,
-    MaskedTransformer2DModelOutput,
-    check_class_labels,
-    check_common_model_args,
-    check_image_input,
-    check_masking_args,
-    check_no_text_input,
-    check_number_arg,
-    prepare_timestep,
-)
+from .layers import DiTBlock, FinalLayer, init_dit_weights, maybe_checkpoint, sincos_pos_embed_2d
+from .masking import TokenMask, gather_tokens, restore_tokens, route_enter, route_exit
+from .transformer_base import DIT_SIZE_PRESETS, MaskedTransformer2DModel, text_block_args
+
 
 #: Sizes of the official code (DiT sizes). ``num_layers`` counts encoder + decoder blocks (the side block is extra).
 #: Decoder depths: XL and L use 4 (released MDTv2-XL/2 checkpoint and XL scripts), S uses 6 (the official S/2
 #: script), B has no official script and uses 4; the paper and scripts disagree for S/B (sail-sg/MDT issue #39), so
 #: pass ``num_decoder_layers`` to change it.
 MDT_SIZE_PRESETS = {
-    "S": dict(num_layers=12, hidden_size=384, num_attention_heads=6, num_decoder_layers=6),
-    "B": dict(num_layers=12, hidden_size=768, num_attention_heads=12, num_decoder_layers=4),
-    "L": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, num_decoder_layers=4),
-    "XL": dict(num_layers=28, hidden_size=1152, num_attention_heads=16, num_decoder_layers=4),
+    size: dict(config, num_decoder_layers=6 if size == "S" else 4) for size, config in DIT_SIZE_PRESETS.items()
 }
 
 
@@ -169,9 +137,15 @@ class MDTv2Block(DiTBlock):
         cond: torch.Tensor,
         attention_bias: torch.Tensor,
         skip: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``attention_bias``: this block's bias from `relative_position_biases` (or ``self.rel_pos_bias(index)``)."""
-        return super().forward(hidden_states, cond, attention_mask=attention_bias, skip=skip)
+        """``attention_bias``: this block's bias from `relative_position_biases` (or ``self.rel_pos_bias(index)``);
+        ``encoder_hidden_states`` / ``encoder_attention_mask``: caption tokens of a text-conditioned model."""
+        return super().forward(
+            hidden_states, cond, attention_mask=attention_bias, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, skip=skip,
+        )
 
 
 class MDTv2SideInterpolater(nn.Module):
@@ -188,12 +162,25 @@ class MDTv2SideInterpolater(nn.Module):
         num_attention_heads (`int`): Heads of the side block.
         mlp_ratio (`float`): MLP expansion of the side block.
         norm_eps (`float`): LayerNorm epsilon.
+        cross_attention_dim (`int`, *optional*): Width of the caption tokens the side block cross-attends to (text
+            models).
     """
 
-    def __init__(self, grid_size: int, dim: int, num_attention_heads: int, mlp_ratio: float, norm_eps: float):
+    def __init__(
+        self,
+        grid_size: int,
+        dim: int,
+        num_attention_heads: int,
+        mlp_ratio: float,
+        norm_eps: float,
+        cross_attention_dim: Optional[int] = None,
+    ):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.block = MDTv2Block(grid_size, dim, num_attention_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps)
+        self.block = MDTv2Block(
+            grid_size, dim, num_attention_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+            cross_attention_dim=cross_attention_dim, cross_attention_heads=num_attention_heads,
+        )
 
     def forward(
         self,
@@ -202,14 +189,17 @@ class MDTv2SideInterpolater(nn.Module):
         token_mask: TokenMask,
         pos_embed: torch.Tensor,
         attention_bias: torch.Tensor,
+        text: Optional[torch.Tensor] = None,
+        text_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``attention_bias``: the side block's (1, heads, N, N) relative position bias."""
+        """``attention_bias``: the side block's (1, heads, N, N) relative position bias; ``text`` / ``text_mask``:
+        caption tokens of a text-conditioned model."""
         x = restore_tokens(x_kept, token_mask.ids_restore, self.mask_token) + pos_embed.to(x_kept.dtype)
-        x_side = self.block(x, cond, attention_bias)
+        x_side = self.block(x, cond, attention_bias, None, text, text_mask)
         return torch.where(token_mask.mask.unsqueeze(-1), x_side, x)
 
 
-class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MDTv2Transformer2DModel(MaskedTransformer2DModel):
     r"""MDTv2: the asymmetric masked diffusion transformer with a side-interpolater.
 
     Layout (``E = num_layers - num_decoder_layers`` encoder blocks):
@@ -226,6 +216,12 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
       still sees the noisy masked tokens).
     - Final adaLN layer; with ``learn_sigma`` the output has ``2 * in_channels`` channels: noise prediction, then
       the learned-range variance values (guided-diffusion / DiT; `DDPMScheduler(variance_type="learned_range")`).
+    - Conditioning: class labels (the paper's, the default), or caption tokens when ``caption_channels`` is set: the
+      text-encoder tokens are projected and refined (`CaptionRefinerBlock`), every encoder, side and decoder block
+      cross-attends to them (after its self-attention, before its MLP), and their pooled mean is added to the
+      timestep embedding of the adaLN conditioning, as DeferredMaskDiT (MicroDiT) does. The caption branch of every
+      block starts at zero (adaLN-Zero). The unconditional caption of classifier-free guidance is an all-zero caption
+      embedding (MicroDiT's), which the trainer's caption dropout feeds and the pipeline uses.
 
     MDT v1 is the same class with ``long_skip_connections=False, dense_input_shortcut=False`` (and, in training, a
     fixed mask ratio 0.3 instead of MDTv2's per-batch ``U[0.3, 0.5)`` and no timestep loss weights); the v1 release
@@ -254,64 +250,58 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         num_layers (`int`, defaults to 28): Encoder + decoder blocks (DiT's depth); the side block is extra.
         num_decoder_layers (`int`, defaults to 4): Decoder blocks; ``num_layers - num_decoder_layers`` must be even.
         num_attention_heads (`int`, defaults to 16): Heads of every block.
+        route_start (`int`, *optional*): TREAD token routing inside the encoder (off unless a forward passes
+            ``route_ratio`` / ``route_ids``): first encoder block (of the ``num_layers - num_decoder_layers``,
+            in-blocks then out-blocks) the routed tokens skip; `None` = 2 (the TREAD paper's). Routing composes with
+            masking (it picks among the kept tokens); the side-interpolater and the decoder always see all tokens.
+            Blocks in the span look their relative position bias up for the grid positions of the tokens they see.
+            Long skips compose as if the span were the identity for the routed tokens: a skip from before the span
+            into it is gathered to the span's tokens; a skip from inside the span to a block after it carries the
+            routed tokens' span-start values, so any span inside the encoder is valid.
+        route_end (`int`, *optional*): Last encoder block the routed tokens skip (inclusive); `None` =
+            ``num_layers - num_decoder_layers - 4``, shrunk to fit small encoders. Negative values count from the end.
         mlp_ratio (`float`, defaults to 4.0): MLP expansion.
-        num_classes (`int`, *optional*, defaults to 1000): Number of classes; `None` for an unconditional model.
-            Id ``num_classes`` is the unconditional (null) class used by classifier-free guidance.
-        class_dropout_prob (`float`, defaults to 0.1): Share of labels the trainer replaces by the null class.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         learn_sigma (`bool`, defaults to `True`): Also predict the learned-range variance (doubles out channels).
         long_skip_connections (`bool`, defaults to `True`): MDTv2's U-Net-style encoder shortcuts (`False`: v1).
         dense_input_shortcut (`bool`, defaults to `True`): MDTv2's input shortcut into every decoder block
             (`False`: v1).
-        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
-        route_start (`int`, *optional*): TREAD token routing inside the encoder (off unless a training forward passes
-            ``route_ratio`` / ``route_ids``; eval mode never routes): first encoder block (of the
-            ``num_layers - num_decoder_layers``, in-blocks then out-blocks) the routed tokens skip; `None` = 2 (the
-            TREAD paper's). Routing composes with masking (it picks among the kept tokens); the side-interpolater and
-            the decoder always see all tokens. Blocks in the span look their relative position bias up for the grid
-            positions of the tokens they see. Long skips compose as if the span were the identity for the routed
-            tokens: a skip from before the span into it is gathered to the span's tokens; a skip from inside the span
-            to a block after it carries the routed tokens' span-start values, so any span inside the encoder is valid.
-        route_end (`int`, *optional*): Last encoder block the routed tokens skip (inclusive); `None` =
-            ``num_layers - num_decoder_layers - 4``, shrunk to fit small encoders. Negative values count from the end.
+        num_classes (`int`, *optional*, defaults to 1000): Number of classes; `None` for an unconditional model.
+            Id ``num_classes`` is the unconditional (null) class used by classifier-free guidance.
+        class_dropout_prob (`float`, defaults to 0.1): Share of labels the trainer replaces by the null class (of
+            captions by the all-zero caption, for a text model).
+        caption_channels (`int`, *optional*): Text conditioning instead of classes (set ``num_classes=None``): width
+            of the text-encoder tokens (``encoder_hidden_states``). `None` (the default): class conditioning only, with
+            the class-conditional state dict.
+        num_caption_refiner_layers (`int`, defaults to 1): Attention blocks refining the caption tokens (text models).
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["MDTv2Block"]
+    _no_split_modules = ["MDTv2Block", "CaptionRefinerBlock"]
     _size_presets = MDT_SIZE_PRESETS
-    #: Mask ratio of MDT v1 and lower end of MDTv2's range.
+    #: Mask ratio of MDT v1 and lower end of MDTv2's range (for training recipes).
     default_mask_ratio = 0.3
-    #: MDTv2 draws one mask ratio per batch from ``U[low, high)``.
+    #: MDTv2 draws one mask ratio per batch from ``U[low, high)`` (for training recipes).
     mask_ratio_range: Tuple[float, float] = (0.3, 0.5)
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        out_channels: Optional[int] = None,
-        hidden_size: int = 1152,
-        num_layers: int = 28,
-        num_decoder_layers: int = 4,
-        num_attention_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = 1000,
-        class_dropout_prob: float = 0.1,
-        learn_sigma: bool = True,
-        long_skip_connections: bool = True,
-        dense_input_shortcut: bool = True,
-        norm_eps: float = 1e-6,
-        route_start: Optional[int] = None,
-        route_end: Optional[int] = None,
+        # Input and output.
+        sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: Optional[int] = None,
+        # Encoder + decoder blocks (num_layers counts both), and the encoder span that TREAD routing may skip.
+        hidden_size: int = 1152, num_layers: int = 28, num_decoder_layers: int = 4, num_attention_heads: int = 16,
+        route_start: Optional[int] = None, route_end: Optional[int] = None,
+        mlp_ratio: float = 4.0, norm_eps: float = 1e-6, learn_sigma: bool = True,
+        # MDTv2's shortcuts (both False: MDT v1).
+        long_skip_connections: bool = True, dense_input_shortcut: bool = True,
+        # Conditioning: class labels (the default), or caption tokens when caption_channels is set.
+        num_classes: Optional[int] = 1000, class_dropout_prob: float = 0.1,
+        caption_channels: Optional[int] = None, num_caption_refiner_layers: int = 1,
     ):
-        super().__init__()
-        owner = type(self).__name__
-        check_common_model_args(
-            owner, sample_size, patch_size, in_channels, out_channels, num_classes, class_dropout_prob, norm_eps,
+        super().__init__(
             widths=[("hidden_size", hidden_size, "num_attention_heads", num_attention_heads)],
             depths=[("num_layers", num_layers, 3), ("num_decoder_layers", num_decoder_layers, 1)],
         )
-        check_number_arg(owner, "mlp_ratio", mlp_ratio, 0.0, 64.0, low_open=True)
         num_encoder_layers = num_layers - num_decoder_layers
         if num_decoder_layers < 1 or num_encoder_layers < 2 or num_encoder_layers % 2:
             raise ValueError(
@@ -320,36 +310,32 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
                 f"num_decoder_layers={num_decoder_layers}."
             )
         # Only the encoder is routed: the side-interpolater and the decoder rebuild / predict every token.
-        self.route_span = resolve_route_span(
-            num_encoder_layers, route_start, route_end, owner,
-            blocks_name="encoder blocks (num_layers - num_decoder_layers; the decoder is never routed)",
+        # The global position embedding is learnable, unlike DiT's fixed table (sin-cos only initialises it).
+        self._init_common(
+            hidden_size, num_routed_blocks=num_encoder_layers, learnable_pos_embed=True,
+            routed_blocks_name="encoder blocks (num_layers - num_decoder_layers; the decoder is never routed)",
         )
-        if out_channels is None:
-            out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.out_channels = out_channels
         grid = sample_size // patch_size
-        self.num_tokens = grid * grid
         half = num_encoder_layers // 2
+        # Cross-attention to the caption tokens (hidden_size wide) in every block of a text-conditioned model.
+        text_dim = hidden_size if caption_channels is not None else None
 
         def block(skip: bool) -> MDTv2Block:
             return MDTv2Block(
-                grid, hidden_size, num_attention_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps, skip_connection=skip
+                grid, hidden_size, num_attention_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps, skip_connection=skip,
+                cross_attention_dim=text_dim, cross_attention_heads=num_attention_heads,
             )
 
-        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
-        # Learnable, unlike DiT's fixed table (sin-cos only initialises it).
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size))
-        self.time_embed = TimestepEmbedder(hidden_size)
-        self.class_embed = LabelEmbedder(num_classes, hidden_size) if num_classes is not None else None
         self.encoder_in_blocks = nn.ModuleList([block(False) for _ in range(half)])
         self.encoder_out_blocks = nn.ModuleList([block(long_skip_connections) for _ in range(half)])
-        self.side_interpolater = MDTv2SideInterpolater(grid, hidden_size, num_attention_heads, mlp_ratio, norm_eps)
+        self.side_interpolater = MDTv2SideInterpolater(
+            grid, hidden_size, num_attention_heads, mlp_ratio, norm_eps, cross_attention_dim=text_dim
+        )
         # Shared by the side-interpolater (training) and the plain inference path, so inference uses trained values.
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size))
         self.decoder_blocks = nn.ModuleList([block(dense_input_shortcut) for _ in range(num_decoder_layers)])
-        self.final_layer = FinalLayer(hidden_size, hidden_size, patch_size, out_channels, norm_eps=norm_eps)
+        self.final_layer = FinalLayer(hidden_size, hidden_size, patch_size, self.out_channels, norm_eps=norm_eps)
         self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
-        self.gradient_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -362,34 +348,20 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         for m in self.modules():
             if isinstance(m, RelativePositionBias):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+        self._init_caption_weights(zero_cross_attention=True)
 
-    @property
-    def null_class_id(self) -> Optional[int]:
-        """Class id of the unconditional class (``num_classes``), or `None` for an unconditional model."""
-        return self.config.num_classes
-
-    def embed_condition(self, timestep: torch.Tensor, class_labels: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Conditioning vector ``time_embed(t) + class_embed(y)``, shape (B, hidden_size)."""
-        cond = self.time_embed(timestep, dtype)
-        if self.class_embed is not None:
-            cond = cond + self.class_embed(class_labels)
-        return cond
-
-    def encode(
-        self,
-        hidden_states: torch.Tensor,
-        cond: torch.Tensor,
-        token_mask: Optional[TokenMask] = None,
-        route_ids: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, hidden_states: torch.Tensor, cond: torch.Tensor, token_mask: Optional[TokenMask] = None,
+               route_ids: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+               text_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Encoder over the kept tokens (all when ``token_mask`` is None).
 
         ``route_ids`` (B, K'), ids into the K kept tokens, send the others past encoder blocks ``route_span``
-        (TREAD); they rejoin unchanged after the span's last block.
+        (TREAD); they rejoin unchanged after the span's last block. ``text`` / ``text_mask``: the caption tokens of
+        a text-conditioned model (see `encode_captions`).
 
         Returns ``(x, input_skip)``: encoder output (B, K, hidden_size) in ``ids_keep`` order, and the full-length
         embedded input (B, N, hidden_size) taken before masking, for the decoder's dense input shortcut."""
-        x = self.patch_embed(hidden_states) + self.pos_embed.to(hidden_states.dtype)
+        x = self.embed_patches(hidden_states)
         input_skip = x
         ids_keep = None
         if token_mask is not None:
@@ -409,6 +381,7 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
             inside = self._biases(blocks[start:end + 1], span_positions, dtype)
             biases = outside[:start] + inside + outside[start:]
         half = len(self.encoder_in_blocks)
+        text_args = text_block_args(text, text_mask)
         skips = []  # (tensor, made inside the route span)
         x_at_start = x
         for i, (blk, bias) in enumerate(zip(blocks, biases)):
@@ -417,7 +390,7 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
                 x_at_start = x
                 x = route_enter(x, route_ids)
             if i < half:
-                x = maybe_checkpoint(self, blk, x, cond, bias)
+                x = maybe_checkpoint(self, blk, x, cond, bias, None, *text_args)
                 skips.append((x, routed))
             else:
                 skip = None
@@ -430,7 +403,7 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
                         skip = route_enter(skip, route_ids)
                     elif skip_routed and not routed:
                         skip = route_exit(x_at_start, skip, route_ids)
-                x = maybe_checkpoint(self, blk, x, cond, bias, skip)
+                x = maybe_checkpoint(self, blk, x, cond, bias, skip, *text_args)
             if routed and i == end:
                 x = route_exit(x_at_start, x, route_ids)
         return x, input_skip
@@ -443,77 +416,21 @@ class MDTv2Transformer2DModel(MaskedModelMixin, ModelMixin, ConfigMixin, PeftAda
         index = self.relative_position_index.clone()
         return relative_position_biases(tables, index, ids_keep, dtype)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.LongTensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        encoder_attention_mask: Optional[torch.Tensor] = None,
-        mask_ratio: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        ids_keep: Optional[torch.LongTensor] = None,
-        return_dict: bool = True,
-        route_ratio: float = 0.0,
-        route_ids: Optional[torch.LongTensor] = None,
-    ) -> Union[MaskedTransformer2DModelOutput, tuple]:
-        """
-        Args:
-            hidden_states (`torch.Tensor` of shape (B, in_channels, sample_size, sample_size)): Noisy input (already
-                scaled by the scheduler's `scale_model_input`).
-            timestep (`torch.Tensor` or number): Scalar or (B,) DDPM step in ``[0, num_train_timesteps)``.
-            class_labels (`torch.LongTensor` of shape (B,), *optional*): Class ids; ``num_classes`` = unconditional.
-            encoder_hidden_states, encoder_attention_mask: Unused (MDTv2 has no text conditioning); accepted so
-                that every model of this package shares one signature.
-            mask_ratio (`float`, defaults to 0.0): Share of tokens removed before the encoder, in [0, 1). MDTv2
-                training draws it per batch from `mask_ratio_range`; 0 at inference (no side-interpolater).
-            generator (`torch.Generator`, *optional*): Makes the random mask reproducible.
-            ids_keep (`torch.LongTensor` of shape (B, K), *optional*): Use these kept token ids instead of drawing a
-                mask (``mask_ratio`` is then ignored): one row of 1 <= K <= N distinct ids in [0, N) per sample
-                (checked as `masking.check_ids_keep` says; the value checks skip GPU training steps by default).
-            return_dict (`bool`, defaults to `True`): Return a `MaskedTransformer2DModelOutput` or a tuple.
-            route_ratio (`float`, defaults to 0.0): TREAD routing inside the encoder, training mode only: share of
-                the encoder's tokens (those the mask kept) that skip encoder blocks ``route_start..route_end``, in
-                [0, 1); 0 = off. Ignored in eval mode (inference runs every token through every block).
-            route_ids (`torch.LongTensor` of shape (B, K'), *optional*): Ids, into the K tokens the encoder sees,
-                of the tokens that go through the span; replaces the random draw (``route_ratio`` is then ignored).
-                Training mode only, like ``route_ratio``.
-        """
-        check_image_input(self, hidden_states)
-        ids_keep = check_masking_args(self, mask_ratio, ids_keep, hidden_states.shape[0])
-        check_route_ratio(route_ratio, type(self).__name__)
-        check_no_text_input(self, encoder_hidden_states)
-        b, _, h, w = hidden_states.shape
-        device = hidden_states.device
-        timestep = prepare_timestep(timestep, b, device)
-        class_labels = check_class_labels(self, class_labels, b)
-        cond = self.embed_condition(timestep, class_labels, hidden_states.dtype)
-
-        token_mask = None
-        if ids_keep is not None:
-            token_mask = token_mask_from_ids_keep(ids_keep.to(device), self.num_tokens)
-        elif mask_ratio > 0:
-            token_mask = random_token_mask(b, self.num_tokens, mask_ratio, device=device, generator=generator)
-
-        num_encoder_tokens = token_mask.num_kept if token_mask is not None else self.num_tokens
-        route_ids = training_route_ids(
-            route_ids, route_ratio, self.training, b, num_encoder_tokens, type(self).__name__, device=device, generator=generator
-        )
-        x, input_skip = self.encode(hidden_states, cond, token_mask, route_ids)
-        # Side block (training only) and decoder blocks see all tokens: one lookup with the static index.
+    def forward_tokens(self, hidden_states: torch.Tensor, cond: torch.Tensor, token_mask: Optional[TokenMask] = None,
+                       route_ids: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                       text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder on the kept tokens; side-interpolater (only with a mask) or the decoder positions; decoder over
+        all tokens with the dense input shortcut (see `MaskedTransformer2DModel.forward_tokens`)."""
+        x, input_skip = self.encode(hidden_states, cond, token_mask, route_ids, text, text_mask)
+        # Side block (masked forwards only) and decoder blocks see all tokens: one lookup with the static index.
         blocks = ([self.side_interpolater.block] if token_mask is not None else []) + list(self.decoder_blocks)
         biases = self._biases(blocks, None, _compute_dtype(x))
         if token_mask is not None:
-            x = self.side_interpolater(x, cond, token_mask, self.decoder_pos_embed, biases[0])
+            x = self.side_interpolater(x, cond, token_mask, self.decoder_pos_embed, biases[0], text, text_mask)
             biases = biases[1:]
         else:
             x = x + self.decoder_pos_embed.to(x.dtype)
         skip = input_skip if self.config.dense_input_shortcut else None
         for blk, bias in zip(self.decoder_blocks, biases):
-            x = maybe_checkpoint(self, blk, x, cond, bias, skip)
-        x = self.final_layer(x, cond)
-        sample = unpatchify(x, self.config.patch_size, self.out_channels, h, w)
-        mask = token_mask.mask if token_mask is not None else None
-        if not return_dict:
-            return (sample, mask)
-        return MaskedTransformer2DModelOutput(sample=sample, mask=mask)
+            x = maybe_checkpoint(self, blk, x, cond, bias, skip, *text_block_args(text, text_mask))
+        return self.final_layer(x, cond)

@@ -11,7 +11,7 @@ import inspect
 import logging
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,10 +32,54 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+@torch.no_grad()
+def encode_texts(
+    text_encoder, tokenizer, texts: List[str], max_sequence_length: int = 77, device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Caption tokens of ``texts``: the text encoder's last hidden state (B, L, width) and the attention mask (B, L),
+    padded to the longest text (at most ``max_sequence_length`` tokens; longer texts are truncated with a warning).
+    Used by the pipelines and by the training recipes, which cache the embeddings of their captions."""
+    if not _is_int(max_sequence_length) or max_sequence_length < 1:
+        raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}.")
+    max_length = min(max_sequence_length, getattr(tokenizer, "model_max_length", max_sequence_length))
+    texts = list(texts)
+    tokens = tokenizer(texts, padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
+    # The untruncated lengths tell whether anything was cut (one extra tokenizer call; the encoder dominates).
+    full_ids = tokenizer(texts, padding=False, truncation=False, verbose=False)["input_ids"]
+    for i, ids in enumerate(full_ids):
+        if len(ids) > max_length:
+            dropped = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True)
+            logger.warning(
+                "Prompt %d has %d tokens but only %d are used (max_sequence_length=%d, tokenizer limit %s); this part "
+                "was truncated: %r",
+                i, len(ids), max_length, max_sequence_length, getattr(tokenizer, "model_max_length", None), dropped,
+            )
+    encoder_device = getattr(text_encoder, "device", None) or device
+    ids = tokens["input_ids"].to(encoder_device)
+    mask = tokens["attention_mask"].to(encoder_device)
+    out = text_encoder(input_ids=ids, attention_mask=mask)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if device is not None:
+        hidden, mask = hidden.to(device), mask.to(device)
+    return hidden, mask
+
+
 class MaskedTransformerPipelineBase(DiffusionPipeline):
-    """Base class: class-label handling, the denoising loop with classifier-free guidance, and decoding."""
+    """Base class: class-label and prompt handling, the denoising loop with classifier-free guidance, and decoding.
+
+    Text-conditioned transformers (``caption_channels`` set) take prompts, encoded by the pipeline's optional
+    ``text_encoder`` + ``tokenizer`` (`encode_prompt`), or precomputed ``prompt_embeds``; class-conditional ones take
+    class labels. The unconditional input of classifier-free guidance is the null class, or for text the all-zero
+    caption embedding (MicroDiT's, what the trainers' caption dropout feeds) unless a negative prompt is given.
+    """
 
     model_cpu_offload_seq = "transformer->vae"
+
+    def _setup_components(self, id2label: Optional[Dict[Union[int, str], str]],
+                          training_objective: Union[None, str, Mapping[str, Any]]) -> None:
+        """What every pipeline's ``__init__`` does after ``register_modules``: class names and training objective."""
+        self._setup_labels(id2label)
+        self._setup_training_objective(training_objective)
 
     def _setup_labels(self, id2label: Optional[Dict[Union[int, str], str]]) -> None:
         # JSON turns int keys into strings; normalise to {int: str}.
@@ -116,6 +160,174 @@ class MaskedTransformerPipelineBase(DiffusionPipeline):
         ids = self._class_ids(class_labels, num_images_per_prompt, self._execution_device)
         uncond = {"class_labels": torch.full_like(ids, null_id)} if guidance_scale > 1 else None
         return ids.shape[0], {"class_labels": ids}, uncond
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+    def _encode_texts(self, texts: List[str], max_sequence_length: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        text_encoder, tokenizer = getattr(self, "text_encoder", None), getattr(self, "tokenizer", None)
+        if text_encoder is None or tokenizer is None:
+            raise ValueError(
+                "This pipeline has no text_encoder / tokenizer: pass prompt_embeds instead of prompt, or build it "
+                "with text_encoder and tokenizer (e.g. diffusers_masked.utils.load_default_text_encoder())."
+            )
+        return encode_texts(text_encoder, tokenizer, texts, max_sequence_length, device)
+
+    @staticmethod
+    def _as_text_list(text: Union[str, List[str]], what: str) -> List[str]:
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{what} must be a string or a non-empty list of strings, got {text!r}.")
+        return texts
+
+    @staticmethod
+    def _pad_tokens(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        # Zero tokens with mask 0 are ignored by the model, so padding never changes the output.
+        extra = length - embeds.shape[1]
+        if extra <= 0:
+            return embeds, mask
+        embeds = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], extra, embeds.shape[2])], dim=1)
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+        return embeds, mask
+
+    def _caption_width(self) -> Tuple[Optional[int], str]:
+        # The transformer decides what it can read; an encode-only pipeline has just the text encoder's width.
+        if getattr(self, "transformer", None) is not None:
+            return self.transformer.config.get("caption_channels"), "caption_channels of the transformer"
+        if getattr(self, "text_encoder", None) is not None:
+            return getattr(self.text_encoder.config, "hidden_size", None), "hidden size of the text encoder"
+        return None, "any width"
+
+    def _check_embeds(self, embeds: torch.Tensor, mask: Optional[torch.Tensor], what: str) -> torch.Tensor:
+        c, source = self._caption_width()
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or (c is not None and embeds.shape[-1] != c):
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(
+                f"{what} must have shape (batch, tokens, {c}) ({source}), got {shape}. "
+                "The text encoder's hidden size must equal the transformer's caption_channels."
+            )
+        if mask is None:
+            return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(f"The attention mask of {what} must have shape {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}.")
+        return mask.to(embeds.device)
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        device: Optional[torch.device] = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: Union[str, List[str], None] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        max_sequence_length: int = 77,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        r"""Encode prompts into caption tokens for a text-conditioned transformer.
+
+        Args:
+            prompt (`str` or `List[str]`): Prompts (or pass ``prompt_embeds``).
+            device (`torch.device`, *optional*): Where the embeddings go; the execution device by default.
+            num_images_per_prompt (`int`, defaults to 1): Each prompt's embedding is repeated this many times.
+            do_classifier_free_guidance (`bool`, defaults to `True`): Also return the unconditional embeddings.
+            negative_prompt (`str` or `List[str]`, *optional*): Replaces the all-zero unconditional caption.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor` of shape (B, L, caption_channels), *optional*):
+                Precomputed text-encoder last hidden states.
+            prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor` of shape (B, L), *optional*):
+                1 for real tokens, 0 for padding; all ones when omitted.
+            max_sequence_length (`int`, defaults to 77): Longer prompts are truncated (with a warning).
+
+        Returns:
+            ``(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)``, the
+            negatives `None` without guidance; prompt and negative have the same token length so they can be batched.
+            The embeddings have the text encoder's dtype (the transformer's without a text encoder). Without a
+            negative prompt the unconditional caption is all-zero text-encoder features (MicroDiT's, as the
+            trainers' caption dropout feeds them).
+        """
+        device = device or self._execution_device
+        if getattr(self, "text_encoder", None) is not None:
+            dtype = self.text_encoder.dtype
+        elif getattr(self, "transformer", None) is not None:
+            dtype = self.transformer.dtype
+        else:
+            dtype = prompt_embeds.dtype if isinstance(prompt_embeds, torch.Tensor) else torch.float32
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}.")
+        if prompt is not None:
+            prompt_embeds, prompt_attention_mask = self._encode_texts(
+                self._as_text_list(prompt, "prompt"), max_sequence_length, device
+            )
+        prompt_attention_mask = self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt_embeds")
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        prompt_attention_mask = prompt_attention_mask.to(device)
+        batch = prompt_embeds.shape[0]
+
+        neg_embeds = neg_mask = None
+        if do_classifier_free_guidance:
+            if negative_prompt is not None:
+                negatives = self._as_text_list(negative_prompt, "negative_prompt")
+                if len(negatives) == 1:
+                    negatives = negatives * batch
+                if len(negatives) != batch:
+                    raise ValueError(f"Got {len(negatives)} negative prompts for {batch} prompts; pass 1 or {batch}.")
+                neg_embeds, neg_mask = self._encode_texts(negatives, max_sequence_length, device)
+            elif negative_prompt_embeds is not None:
+                neg_embeds = negative_prompt_embeds
+                neg_mask = negative_prompt_attention_mask
+                if neg_embeds.shape[0] != batch:
+                    raise ValueError(
+                        f"negative_prompt_embeds has batch {neg_embeds.shape[0]} but prompt_embeds has {batch}."
+                    )
+            else:
+                # The unconditional caption of MicroDiT: all-zero text-encoder features.
+                neg_embeds = torch.zeros_like(prompt_embeds)
+                neg_mask = torch.ones_like(prompt_attention_mask)
+            neg_mask = self._check_embeds(neg_embeds, neg_mask, "negative_prompt_embeds")
+            neg_embeds = neg_embeds.to(device=device, dtype=dtype)
+            neg_mask = neg_mask.to(device)
+            length = max(prompt_embeds.shape[1], neg_embeds.shape[1])
+            prompt_embeds, prompt_attention_mask = self._pad_tokens(prompt_embeds, prompt_attention_mask, length)
+            neg_embeds, neg_mask = self._pad_tokens(neg_embeds, neg_mask, length)
+            neg_embeds = neg_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            neg_mask = neg_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_attention_mask = prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, prompt_attention_mask, neg_embeds, neg_mask
+
+    def _conditioning(self, class_labels: Any, num_images_per_prompt: int, guidance_scale: float, batch_size: int,
+                      prompt=None, negative_prompt=None, prompt_embeds=None, prompt_attention_mask=None,
+                      negative_prompt_embeds=None, negative_prompt_attention_mask=None,
+                      max_sequence_length: int = 77) -> tuple:
+        """(number of images, conditional kwargs, unconditional kwargs or None) for the transformer at hand: caption
+        tokens for a text-conditioned one (`encode_prompt`, whose arguments the text inputs are), class ids or nothing
+        otherwise (`_class_conditioning`); the other kind of input is refused with the fix."""
+        texts = dict(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                     negative_prompt_embeds=negative_prompt_embeds)
+        if self.transformer.config.get("caption_channels") is None:
+            given = [name for name, value in texts.items() if value is not None]
+            if given:
+                kind = "class-conditional" if self.transformer.config.num_classes is not None else "unconditional"
+                raise ValueError(
+                    f"This transformer is {kind} with no text conditioning (caption_channels=None), so it takes no "
+                    f"{', '.join(given)}: pass class_labels (class-conditional) or nothing (unconditional) instead of "
+                    "prompts."
+                )
+            return self._class_conditioning(class_labels, num_images_per_prompt, guidance_scale, batch_size)
+        if class_labels is not None:
+            raise ValueError("This transformer is text-conditioned: pass prompt (or prompt_embeds), not class_labels.")
+        use_cfg = guidance_scale > 1
+        embeds, mask, neg_embeds, neg_mask = self.encode_prompt(
+            prompt, self._execution_device, num_images_per_prompt, use_cfg, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask, max_sequence_length,
+        )
+        cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        uncond = {"encoder_hidden_states": neg_embeds, "encoder_attention_mask": neg_mask} if use_cfg else None
+        return embeds.shape[0], cond, uncond
 
     @property
     def _sample_shape(self) -> tuple:

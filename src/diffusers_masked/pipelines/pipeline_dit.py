@@ -8,6 +8,7 @@ from diffusers.models import AutoencoderKL
 from diffusers.schedulers import SchedulerMixin
 
 from ..models.transformer_dit import RoutedDiTTransformer2DModel
+from .pipeline_base import MaskedTransformerPipelineBase
 from .pipeline_maskdit import MaskDiTPipeline
 
 
@@ -30,6 +31,10 @@ class RoutedDiTPipeline(MaskDiTPipeline):
             `MaskDiTPipeline`); saved with the pipeline, a mismatching scheduler gets a warning.
     """
 
+    # DiT is class-conditional only: no text encoder / tokenizer components (MaskDiTPipeline's sampling is reused).
+    _optional_components = ["vae", "scheduler"]
+    model_cpu_offload_seq = "transformer->vae"
+
     def __init__(
         self,
         transformer: RoutedDiTTransformer2DModel,
@@ -38,4 +43,6 @@ class RoutedDiTPipeline(MaskDiTPipeline):
         id2label: Optional[Dict[Union[int, str], str]] = None,
         training_objective: Union[None, str, Mapping[str, Any]] = None,
     ):
-        super().__init__(transformer, scheduler, vae=vae, id2label=id2label, training_objective=training_objective)
+        MaskedTransformerPipelineBase.__init__(self)
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self._setup_components(id2label, training_objective)

@@ -1,4 +1,5 @@
-"""Class-conditional sampling from an `MDTv2Transformer2DModel` with MDT's power-cosine guidance schedule."""
+"""Class-conditional (or text-to-image) sampling from an `MDTv2Transformer2DModel` with MDT's power-cosine guidance
+schedule."""
 
 from __future__ import annotations
 
@@ -50,7 +51,11 @@ def power_cosine_guidance_scale(
 
 
 class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMixin):
-    r"""Class-conditional image generation with an MDTv2 transformer.
+    r"""Class-conditional (or text-to-image) generation with an MDTv2 transformer.
+
+    A class-conditional transformer (the paper's; the default) takes ``class_labels``; a text-conditioned one
+    (``caption_channels`` set) takes ``prompt`` (with the optional ``text_encoder`` + ``tokenizer``) or
+    ``prompt_embeds``; its unconditional guidance input is the all-zero caption embedding, or ``negative_prompt``.
 
     MDT is trained with guided-diffusion's DDPM objective (epsilon + learned-range variance, linear betas 1e-4..0.02,
     1000 steps). The paper samples with 250 DDPM steps: `DDPMScheduler(variance_type="learned_range",
@@ -70,9 +75,12 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
         id2label (`dict`, *optional*): Class id -> name (comma-separated synonyms allowed), enables class names.
         training_objective (`str` or `dict`, *optional*): What the transformer was trained to predict (see
             `MaskDiTPipeline`); saved with the pipeline, a mismatching scheduler gets a warning.
+        text_encoder, tokenizer (*optional*): The caption encoder of a text-conditioned transformer and its tokenizer
+            (see `MaskDiTPipeline`).
     """
 
-    _optional_components = ["vae", "scheduler"]
+    _optional_components = ["vae", "scheduler", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
 
     def __init__(
         self,
@@ -81,11 +89,14 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
         vae: Optional[AutoencoderKL] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
         training_objective: Union[None, str, Mapping[str, Any]] = None,
+        text_encoder=None,
+        tokenizer=None,
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        self._setup_labels(id2label)
-        self._setup_training_objective(training_objective)
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self._setup_components(id2label, training_objective)
         self._guidance_power = 4.0
         self._guidance_schedule = "power-cosine"
 
@@ -132,6 +143,13 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
         return_dict: bool = True,
         batch_size: int = 1,
         guidance_channels: Optional[int] = None,
+        prompt: Union[str, List[str], None] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        max_sequence_length: int = 77,
     ):
         r"""
         Args:
@@ -152,6 +170,9 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
             guidance_channels (`int`, *optional*): Guide only the first N noise channels and keep the others
                 conditional; the official MDT / DiT code uses 3 for 4-channel latents (set 3 to reproduce converted
                 checkpoints exactly). Default: all channels.
+            prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                negative_prompt_attention_mask, max_sequence_length: For a text-conditioned transformer, the prompts
+                (or caption embeddings) that replace ``class_labels``; see `encode_prompt`.
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] with ``images``.
@@ -173,7 +194,10 @@ class MDTv2Pipeline(MaskedTransformerPipelineBase, MaskedTransformerLoraLoaderMi
         self._guidance_power = float(guidance_power)
         self._guidance_schedule = guidance_schedule
 
-        n, cond, uncond = self._class_conditioning(class_labels, num_images_per_prompt, guidance_scale, batch_size)
+        n, cond, uncond = self._conditioning(
+            class_labels, num_images_per_prompt, guidance_scale, batch_size, prompt, negative_prompt, prompt_embeds,
+            prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask, max_sequence_length,
+        )
         latents = self._denoise(n, cond, uncond, guidance_scale, num_inference_steps, generator, latents,
                                 guidance_channels=guidance_channels)
         return self._decode(latents, output_type, return_dict)
