@@ -9,7 +9,7 @@ loss, backward, fused AdamW step and ``zero_grad(set_to_none=True)``, under bf16
   left out).
 - ``maskdit``: `MaskDiTTransformer2DModel` at mask ratio 0.5 with `maskdit_loss` + `EDMObjective` (DSM on the kept
   tokens + 0.1 x MAE on the masked ones).
-- ``mdt``: `MDTv2Transformer2DModel` with `MDTv2Recipe.compute_loss`: both branches as trained (full + masked at a
+- ``mdt``: `MDTv2Transformer2DModel` with `recipe_mdt.mdtv2_loss`: both branches as trained (full + masked at a
   fixed ratio, default 0.4 = the mean of MDTv2's U[0.3, 0.5)), epsilon MSE + learned-variance VLB.
 - ``deferred`` / ``deferred_moe``: `DeferredMaskDiTTransformer2DModel` (MicroDiT backbone preset, class-conditional
   with 1000 classes so it is comparable with DiT), mask ratio 0.75, `deferred_maskdit_loss`; dense MLPs
@@ -46,7 +46,6 @@ import statistics
 import sys
 import time
 import traceback
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -172,7 +171,7 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
     if name == "mdt":
         try:
             from diffusers_masked.training.objectives import DDPMObjective
-            from diffusers_masked.training.recipe_mdt import MDTv2Recipe
+            from diffusers_masked.training.recipe_mdt import LearnedVarianceVLB, mdtv2_loss
         except ImportError:  # no recipe yet: both branches with plain MSE
             def mdt_fallback(model, x0, labels):
                 full = model(x0, torch.zeros(x0.shape[0], device=x0.device), class_labels=labels).sample
@@ -181,9 +180,9 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
                 return (full.float() ** 2).mean() + (masked.float() ** 2).mean()
 
             return mdt_fallback
-        recipe = MDTv2Recipe()
         objective = DDPMObjective(prediction_type="epsilon", learned_variance=True)
-        args = SimpleNamespace(min_snr_gamma=5.0)
+        vlb = LearnedVarianceVLB(objective)
+        backward_part = None
         if split_backward:
             # What the trainer does with --split_branch_backward: the full branch is back-propagated before the
             # masked branch runs (same gradients, one branch's activations alive at a time).
@@ -193,9 +192,8 @@ def make_loss_fn(name: str, mdt_mask_ratio: float, split_backward: bool = False)
                     loss.backward()
                 return loss.detach()
 
-            recipe.backward_part = backward_part
-        return lambda model, x0, labels: recipe.compute_loss(model, objective, x0, {"class_labels": labels},
-                                                            mdt_mask_ratio, args, None)[0]
+        return lambda model, x0, labels: mdtv2_loss(model, objective, x0, {"class_labels": labels}, mdt_mask_ratio,
+                                                    backward_part=backward_part, vlb=vlb)[0]
     if name in ("deferred", "deferred_moe"):
         from diffusers_masked.training.objectives import EDMObjective
         from diffusers_masked.training.recipe_deferred_maskdit import deferred_maskdit_loss
@@ -410,6 +408,49 @@ def bench_model(name: str, size: str, mode: str, batch_sizes: List[int], args, d
         torch._dynamo.reset()
     _free(device)
     return rows
+
+
+def measure_train_step(model: torch.nn.Module, loss_fn: Callable, x0: torch.Tensor, labels: torch.Tensor,
+                       device: torch.device, compile_kw: Optional[Dict[str, Any]] = None, autocast_bf16: bool = True,
+                       warmup: int = 3, iters: int = 5, repeats: int = 3) -> Dict[str, Any]:
+    """The harness step of `bench_model` for a model built elsewhere (e.g. from the config a trainer run saved, so
+    both time the same architecture): fused AdamW, ``loss_fn(runner, x0, labels)`` under bf16 autocast,
+    ``torch.compile(model, **compile_kw)`` when ``compile_kw`` is given. Returns img/s (median of ``repeats`` x
+    ``iters`` steps after ``warmup``), the step time and its spread, the first step's seconds (compilation) and the
+    peak memory."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    runner = torch.compile(model, **compile_kw) if compile_kw is not None else model
+
+    def step():
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+        with ctx:
+            loss = loss_fn(runner, x0, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        _free(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        t0 = time.time()
+        step()
+        _sync(device)
+        first_step_s = time.time() - t0
+        for _ in range(warmup - 1):
+            step()
+        _sync(device)
+        times = [time_steps(step, iters, device) for _ in range(repeats)]
+        step_s = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return {"img_per_s": x0.shape[0] / step_s, "step_ms": step_s * 1e3,
+                "step_ms_spread": (max(times) - min(times)) * 1e3, "first_step_s": first_step_s,
+                "peak_mem_gib": peak, "warmup": warmup, "iters": iters, "repeats": repeats}
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del runner, optimizer, step
+        _free(device)
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
@@ -710,7 +751,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         try:
             import diffusers_masked.training.recipe_mdt  # noqa: F401
             how = ("each branch back-propagated separately (--mdt_split_backward)" if args.mdt_split_backward
-                   else "one backward of the summed loss, as MDTv2Recipe.compute_loss")
+                   else "one backward of the summed loss, as recipe_mdt.mdtv2_loss")
             notes.append(f"MDTv2 step = full branch + masked branch at fixed ratio {args.mdt_mask_ratio} "
                          f"(MDTv2Recipe branch losses), two forward/backward passes per step; {how}.")
         except ImportError:

@@ -35,7 +35,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -288,13 +287,12 @@ def make_loss_fn(name: str, ratio: float) -> Callable[[torch.nn.Module, torch.Te
         objective = EDMObjective()
         return lambda model, x0: maskdit_loss(model, objective, x0, {}, ratio, 0.1)[0]
     if name == "mdt":
-        from .training.recipe_mdt import MDTv2Recipe
+        from .training.recipe_mdt import LearnedVarianceVLB, mdtv2_loss
 
-        recipe = MDTv2Recipe()
         objective = DDPMObjective(prediction_type="epsilon", learned_variance=True)
-        args = SimpleNamespace(min_snr_gamma=5.0)
+        vlb = LearnedVarianceVLB(objective)
         # Both branches (full + masked), one backward: the benchmark's MDTv2 step. Ratio 0: the full branch only.
-        return lambda model, x0: recipe.compute_loss(model, objective, x0, {}, ratio, args, None)[0]
+        return lambda model, x0: mdtv2_loss(model, objective, x0, {}, ratio, vlb=vlb)[0]
     if name == "deferred_maskdit":
         from .training.recipe_deferred_maskdit import deferred_maskdit_loss
 

@@ -66,7 +66,7 @@ def test_lora_warns_about_use_ema_only_when_it_was_passed(tmp_path, caplog):
         if not passed:
             argv.remove("--use_ema")  # MaskDiT's demo default still turns the EMA on
         args = parse_args(MaskDiTRecipe(), argv)
-        assert args.use_ema and ("use_ema" in args.explicit_flags) == passed
+        assert args.optim.use_ema and ("use_ema" in args.explicit_flags) == passed
         caplog.clear()
         trainer = Trainer(MaskDiTRecipe(), args)
         trainer.lock.release()

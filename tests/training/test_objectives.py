@@ -88,5 +88,14 @@ def test_maskdit_loss_ignores_masked_pixels_in_dsm():
     assert l1.item() == pytest.approx(l0.item() + 0.1 * logs1["mae"].item(), rel=1e-5)
     lu, logsu = maskdit_loss(model, obj, x0, cond, 0.0, 0.1, torch.Generator().manual_seed(0))
     assert set(logsu) == {"dsm"}  # no MAE term without masking
-    lu.backward()
-    assert model.mask_token.grad is not None  # stays in the graph for DDP
+    # The recipe declares the mask token unused in an unmasked step; it stays in the graph for DDP.
+    from diffusers_masked.training import TrainContext, parse_args
+    from diffusers_masked.training.recipe_maskdit import MaskDiTRecipe
+
+    recipe = MaskDiTRecipe()
+    ctx = TrainContext(parse_args(recipe, ["--mask_ratio", "0"]), generator=torch.Generator().manual_seed(0),
+                       model=model, objective=obj)
+    out = recipe.compute_loss(model, {"x0": x0, **cond}, ctx)
+    assert list(out.unused) == [model.mask_token]
+    out.for_backward().backward()
+    assert model.mask_token.grad is not None

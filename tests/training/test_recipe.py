@@ -6,6 +6,7 @@ from diffusers_masked import (
     MaskDiTTransformer2DModel,
     MDTv2Transformer2DModel,
 )
+from diffusers_masked.training.context import TrainContext
 from diffusers_masked.training.recipe import draw_ids_keep
 from diffusers_masked.training.recipe_deferred_maskdit import DeferredMaskDiTRecipe
 from diffusers_masked.training.recipe_maskdit import MaskDiTRecipe
@@ -36,17 +37,22 @@ def test_compiled_training_step_is_one_graph_and_draws_the_same_mask(which, rout
     Generator: it used to break every compiled training forward at the mask draw). TREAD routing (drawn by the
     loss too) keeps the step one graph."""
     model, recipe, argv = tiny(which)
-    args = parse_args(recipe, argv + route)
-    objective = recipe.build_objective(args)
-    ratio = recipe.default_mask_ratio if which != "mdt" else 0.4
+    ratio = ["--mask_ratio", "0.4"] if which == "mdt" else []
+    config = parse_args(recipe, argv + route + ratio)
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
-    cond = {"class_labels": torch.tensor([0, 1, 2, 0])}
-    eager_loss, _ = recipe.compute_loss(model, objective, x0, cond, ratio, args, torch.Generator().manual_seed(3))
+    batch = {"x0": x0, "class_labels": torch.tensor([0, 1, 2, 0])}
+
+    def loss_of(forward):
+        ctx = TrainContext(config, generator=torch.Generator().manual_seed(3), model=model)
+        ctx.objective = recipe.build_objective(ctx)
+        return recipe.compute_loss(forward, batch, ctx)
+
+    eager_loss = loss_of(model).loss
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # any graph break raises
-    loss, _ = recipe.compute_loss(compiled, objective, x0, cond, ratio, args, torch.Generator().manual_seed(3))
-    loss.backward()
-    torch.testing.assert_close(loss, eager_loss)
+    out = loss_of(compiled)
+    out.for_backward().backward()
+    torch.testing.assert_close(out.loss, eager_loss)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     torch._dynamo.reset()
 

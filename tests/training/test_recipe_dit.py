@@ -34,8 +34,8 @@ def tiny_args(tmp_path, out="run", **extra):
 
 def test_defaults_are_the_papers():
     args = parse_args(RoutedDiTRecipe(), [])
-    assert args.route_ratio == 0.5 and args.route_start is None and args.route_end is None
-    assert args.objective == "edm" and args.mask_ratio == 0.0
+    assert args.recipe.route_ratio == 0.5 and args.recipe.route_start is None and args.recipe.route_end is None
+    assert args.model.objective == "edm" and args.model.mask_ratio == 0.0
 
 
 @pytest.mark.parametrize("flags, match", [(["--route_ratio", "1"], "--route_ratio 1"),

@@ -3,15 +3,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from diffusers_masked import MDTv2Pipeline, MDTv2Transformer2DModel
+from diffusers_masked.training.config import ModelConfig, OptimConfig, TrainConfig
+from diffusers_masked.training.context import TrainContext
 from diffusers_masked.training.objectives import DDPMObjective, NoisyBatch
 from diffusers_masked.training.optimizers import Adan
-from diffusers_masked.training.recipe_mdt import LearnedVarianceVLB, MDTv2Recipe, min_snr_weight
+from diffusers_masked.training.recipe_mdt import (
+    LearnedVarianceVLB,
+    MDTv2Config,
+    MDTv2Recipe,
+    mdtv2_loss,
+    min_snr_weight,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -29,13 +36,15 @@ def tiny_model():
     return model
 
 
-def args(**overrides):
-    base = dict(objective=None, mask_ratio=None, mask_ratio_range=[0.3, 0.5], min_snr_gamma=5.0, max_train_steps=100,
-                unmasked_finetune_steps=0, no_masked_branch=False, use_adan=False, num_decoder_layers=None,
-                split_branch_backward=True,
-                learning_rate=1e-3, adam_weight_decay=0.0, adam_epsilon=1e-8, mask_ratio_levels=4)
-    base.update(overrides)
-    return SimpleNamespace(**base)
+def context(objective="epsilon", mask_ratio=None, unmasked_finetune_steps=0, step=0, generator=None, model=None,
+            **recipe):
+    """What the trainer hands the recipe, for a 100-step run with MDTv2's flags ``recipe``."""
+    config = TrainConfig(
+        model=ModelConfig(objective=objective, mask_ratio=mask_ratio, unmasked_finetune_steps=unmasked_finetune_steps),
+        optim=OptimConfig(max_train_steps=100, learning_rate=1e-3), recipe=MDTv2Config(**recipe))
+    ctx = TrainContext(config, generator=generator, model=model, step=step)
+    ctx.objective = MDTv2Recipe().build_objective(ctx) if objective != "edm" else None  # edm: refused
+    return ctx
 
 
 class Spy(torch.nn.Module):
@@ -62,15 +71,13 @@ class Spy(torch.nn.Module):
 
 
 def test_loss_has_both_branches_with_shared_t_and_independent_noise():
-    recipe = MDTv2Recipe()
-    a = args()
-    objective = recipe.build_objective(a)
+    objective = MDTv2Recipe().build_objective(context())
     assert isinstance(objective, DDPMObjective) and objective.learned_variance
     model = Spy(tiny_model())
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     cond = {"class_labels": torch.tensor([0, 1, 2, 3])}
     gen = torch.Generator().manual_seed(0)
-    loss, logs = recipe.compute_loss(model, objective, x0, cond, 0.4, a, gen)
+    loss, logs = mdtv2_loss(model, objective, x0, cond, 0.4, generator=gen)
     # The masked branch gets its mask as ids_keep (16 tokens, 0.4 masked -> 10 kept); no generator reaches the
     # model, so a compiled forward stays one graph.
     assert [c["kept"] for c in model.calls] == [None, 10]
@@ -86,7 +93,7 @@ def test_loss_has_both_branches_with_shared_t_and_independent_noise():
     assert all(p.grad is not None for p in inner.parameters())
 
     model.calls.clear()
-    loss0, logs0 = recipe.compute_loss(model, objective, x0, cond, 0.0, a, torch.Generator().manual_seed(0))
+    loss0, logs0 = mdtv2_loss(model, objective, x0, cond, 0.0, generator=torch.Generator().manual_seed(0))
     assert [c["kept"] for c in model.calls] == [None]
     assert "m_loss" not in logs0
     torch.testing.assert_close(loss0, logs0["loss_full"])
@@ -95,16 +102,16 @@ def test_loss_has_both_branches_with_shared_t_and_independent_noise():
 def test_mask_ratio_drawn_per_batch_in_range():
     recipe = MDTv2Recipe()
     gen = torch.Generator().manual_seed(0)
-    ratios = [recipe.mask_ratio(args(mask_ratio_levels=0), 0, gen) for _ in range(200)]
+    ratios = [recipe.mask_ratio(context(mask_ratio_levels=0, generator=gen)) for _ in range(200)]
     assert all(0.3 <= r < 0.5 for r in ratios)
     assert min(ratios) < 0.32 and max(ratios) > 0.48
-    levels = {round(recipe.mask_ratio(args(mask_ratio_levels=4), 0, gen), 6) for _ in range(200)}
+    levels = {round(recipe.mask_ratio(context(mask_ratio_levels=4, generator=gen)), 6) for _ in range(200)}
     assert levels == {0.325, 0.375, 0.425, 0.475}  # bin centres: few compiled shapes, same mean
-    assert recipe.mask_ratio(args(mask_ratio=0.3), 0, gen) == 0.3  # v1: fixed
-    assert recipe.mask_ratio(args(no_masked_branch=True), 0, gen) == 0.0
-    assert recipe.mask_ratio(args(unmasked_finetune_steps=10), 95, gen) == 0.0
+    assert recipe.mask_ratio(context(mask_ratio=0.3, generator=gen)) == 0.3  # v1: fixed
+    assert recipe.mask_ratio(context(no_masked_branch=True, generator=gen)) == 0.0
+    assert recipe.mask_ratio(context(unmasked_finetune_steps=10, step=95, generator=gen)) == 0.0
     with pytest.raises(ValueError):
-        recipe.mask_ratio(args(mask_ratio_range=[0.5, 0.3]), 0, gen)
+        recipe.mask_ratio(context(mask_ratio_range=[0.5, 0.3], generator=gen))
 
 
 def test_min_snr_weight():
@@ -146,18 +153,16 @@ def test_vlb_zero_for_true_posterior_and_positive_otherwise():
 
 
 def test_no_masked_branch_keeps_side_interpolater_in_graph():
-    recipe = MDTv2Recipe()
-    a = args(no_masked_branch=True)
     model = tiny_model()
-    loss, _ = recipe.compute_loss(model, recipe.build_objective(a), torch.zeros(2, 1, 8, 8),
-                                  {"class_labels": torch.tensor([0, 1])}, 0.0, a, None)
-    loss.backward()
+    out = MDTv2Recipe().compute_loss(model, {"x0": torch.zeros(2, 1, 8, 8), "class_labels": torch.tensor([0, 1])},
+                                     context(no_masked_branch=True, model=model))
+    out.for_backward().backward()
     assert model.side_interpolater.mask_token.grad is not None
 
 
 def test_edm_objective_rejected():
     with pytest.raises(ValueError, match="DDPM"):
-        MDTv2Recipe().build_objective(args(objective="edm"))
+        MDTv2Recipe().build_objective(context(objective="edm"))
 
 
 def test_adan_matches_hand_computation():
@@ -180,8 +185,8 @@ def test_adan_matches_hand_computation():
         upd = (m / (1 - b1**k) + b2 * v / (1 - b2**k)) / ((n / (1 - b3**k)).sqrt() + 1e-8)
         ref = ref - 0.1 * upd
         torch.testing.assert_close(p.detach(), ref)
-    assert isinstance(MDTv2Recipe().build_optimizer([p], args(use_adan=True)), Adan)
-    assert MDTv2Recipe().build_optimizer([p], args()) is None
+    assert isinstance(MDTv2Recipe().build_optimizer([p], context(use_adan=True)), Adan)
+    assert MDTv2Recipe().build_optimizer([p], context()) is None
 
 
 @pytest.mark.slow  # a subprocess run of train_mdt.py: ~15-30 s on 2 cores
@@ -215,15 +220,14 @@ def test_tiny_train_mdt_run_gives_loadable_pipeline(tmp_path):
 
 
 def test_split_branch_backward_gives_the_joint_gradients():
-    """--split_branch_backward back-propagates the full branch first: same loss, same gradients."""
-    a = args()
-    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
-    cond = {"class_labels": torch.tensor([0, 1, 2, 3])}
+    """--split_branch_backward back-propagates the full branch first (through `TrainContext.backward_part`): same
+    loss, same gradients."""
+    batch = {"x0": torch.rand(4, 1, 8, 8) * 2 - 1, "class_labels": torch.tensor([0, 1, 2, 3])}
     grads, losses = [], []
     for split in (False, True):
-        recipe = MDTv2Recipe()
         model = tiny_model()
         calls = []
+        ctx = context(mask_ratio=0.4, model=model, generator=torch.Generator().manual_seed(0))
         if split:
             def backward_part(compute):
                 loss = compute()
@@ -231,10 +235,10 @@ def test_split_branch_backward_gives_the_joint_gradients():
                 calls.append(float(loss.detach()))
                 return loss.detach()
 
-            recipe.backward_part = backward_part
-        loss, logs = recipe.compute_loss(model, recipe.build_objective(a), x0, cond, 0.4, a,
-                                         torch.Generator().manual_seed(0))
-        loss.backward()
+            ctx.backward_part = backward_part
+        out = MDTv2Recipe().compute_loss(model, batch, ctx)
+        loss, logs = out.loss, out.logs
+        out.for_backward().backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         if split:
@@ -283,14 +287,13 @@ def test_identical_cpu_training_runs_end_bit_identical():
                 sample_size=16, patch_size=2, in_channels=1, hidden_size=16, num_layers=4, num_decoder_layers=2,
                 num_attention_heads=2, num_classes=3,
             )
-            recipe, a = MDTv2Recipe(), args()
-            objective = recipe.build_objective(a)
+            objective = DDPMObjective(prediction_type="epsilon", learned_variance=True)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             gen, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
             for _ in range(3):
                 x0 = torch.rand(8, 1, 16, 16, generator=data) * 2 - 1
                 cond = {"class_labels": torch.randint(0, 3, (8,), generator=data)}
-                loss, _ = recipe.compute_loss(model, objective, x0, cond, 0.4, a, gen)
+                loss, _ = mdtv2_loss(model, objective, x0, cond, 0.4, generator=gen)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()

@@ -10,6 +10,7 @@ import torch
 
 from diffusers_masked import DeferredMaskDiTTransformer2DModel, MaskDiTTransformer2DModel, MDTv2Transformer2DModel
 from diffusers_masked.training import main
+from diffusers_masked.training.context import TrainContext
 from diffusers_masked.training.objectives import build_objective
 from diffusers_masked.training.recipe_deferred_maskdit import DeferredMaskDiTRecipe, deferred_maskdit_loss
 from diffusers_masked.training.recipe_maskdit import MaskDiTRecipe, maskdit_loss
@@ -29,10 +30,10 @@ def test_routing_is_off_by_default_and_the_span_flags_reach_the_config(recipe_cl
     # (DeferredMaskDiT's text overrides need its text encoder loaded; class conditioning needs none)
     base = ["--conditioning", "class"] if recipe_cls is DeferredMaskDiTRecipe else []
     args = parse_args(recipe, base)
-    assert args.route_ratio == 0.0 and args.route_start is None and args.route_end is None
-    assert recipe.model_overrides(args).keys().isdisjoint({"route_start", "route_end"})
+    assert args.recipe.route_ratio == 0.0 and args.recipe.route_start is None and args.recipe.route_end is None
+    assert recipe.model_overrides(TrainContext(args)).keys().isdisjoint({"route_start", "route_end"})
     args = parse_args(recipe, base + ["--route_ratio", "0.5", "--route_start", "1", "--route_end", "-2"])
-    overrides = recipe.model_overrides(args)
+    overrides = recipe.model_overrides(TrainContext(args))
     assert overrides["route_start"] == 1 and overrides["route_end"] == -2
 
 
@@ -66,20 +67,21 @@ def test_maskdit_loss_routes_among_the_kept_tokens():
 
 def test_mdt_recipe_routes_both_branches_and_not_in_the_unmasked_finetune():
     recipe = MDTv2Recipe()
-    args = parse_args(recipe, ["--route_ratio", "0.5", "--max_train_steps", "10", "--unmasked_finetune_steps", "2"])
+    args = parse_args(recipe, ["--route_ratio", "0.5", "--max_train_steps", "10", "--unmasked_finetune_steps", "2",
+                               "--mask_ratio", "0.5"])
     model = MDTv2Transformer2DModel(sample_size=8, patch_size=2, in_channels=1, hidden_size=16, num_layers=8,
                                     num_decoder_layers=2, num_attention_heads=2, num_classes=3).train()
     seen = []
     _span_hook(model.encoder_in_blocks[2], seen)  # block 2: the default span (2, 2) of 6 encoder blocks
-    x0, cond = torch.randn(4, 1, 8, 8), {"class_labels": torch.tensor([0, 1, 2, 3])}
-    g = torch.Generator().manual_seed(0)
-    objective = recipe.build_objective(args)
-    assert recipe.mask_ratio(args, 0, g) > 0
-    loss, _ = recipe.compute_loss(model, objective, x0, cond, 0.5, args, g)
-    loss.backward()
+    batch = {"x0": torch.randn(4, 1, 8, 8), "class_labels": torch.tensor([0, 1, 2, 3])}
+    ctx = TrainContext(args, generator=torch.Generator().manual_seed(0), model=model)
+    ctx.objective = recipe.build_objective(ctx)
+    assert recipe.mask_ratio(ctx) == 0.5
+    recipe.compute_loss(model, batch, ctx).for_backward().backward()
     assert seen == [8, 4]  # full branch: 8 of 16 tokens go through; masked branch: 4 of the 8 kept
-    assert recipe.mask_ratio(args, 9, g) == 0.0  # the unmasked fine-tune also stops routing
-    recipe.compute_loss(model, objective, x0, cond, 0.0, args, g)
+    ctx.step = 9
+    assert recipe.mask_ratio(ctx) == 0.0  # the unmasked fine-tune also stops routing
+    recipe.compute_loss(model, batch, ctx)
     assert seen == [8, 4, 16]
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 

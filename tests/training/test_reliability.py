@@ -162,10 +162,10 @@ def _write_lock(folder, pid, host=None):
 def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path, monkeypatch):
     import diffusers_masked.training.trainer as trainer
 
-    def refuse(self):
+    def refuse(*args, **kwargs):
         raise AssertionError("data loading started although the folder is locked")
 
-    monkeypatch.setattr(trainer.Trainer, "_prepare_data", refuse)
+    monkeypatch.setattr(trainer, "TrainingData", refuse)
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         _write_lock(tmp_path / "run", owner.pid)

@@ -87,8 +87,8 @@ def test_checkpoints_total_limit_and_corrupt_checkpoint(tmp_path):
 
 
 def test_unmasked_finetune_default_is_a_share_of_the_steps():
-    assert parse_args(MaskDiTRecipe(), ["--max_train_steps", "200"]).unmasked_finetune_steps == 20
-    assert parse_args(MaskDiTRecipe(), ["--max_train_steps", "200", "--unmasked_finetune_steps", "0"]).unmasked_finetune_steps == 0
+    assert parse_args(MaskDiTRecipe(), ["--max_train_steps", "200"]).model.unmasked_finetune_steps == 20
+    assert parse_args(MaskDiTRecipe(), ["--max_train_steps", "200", "--unmasked_finetune_steps", "0"]).model.unmasked_finetune_steps == 0
 
 
 def test_bad_flags_fail_early(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_bad_flags_fail_early(tmp_path, capsys):
 
 
 def test_fsdp_refuses_main_process_sampling():
-    from diffusers_masked.training.trainer import check_fsdp_args
+    from diffusers_masked.training.cli import check_fsdp as check_fsdp_args
 
     args = parse_args(MaskDiTRecipe(), ["--no-use_ema", "--validation_steps", "0"])
     check_fsdp_args(args)  # what an FSDP run can do
@@ -207,7 +207,7 @@ def test_hub_upload_is_prepared_without_network(tmp_path, monkeypatch):
     from diffusers_masked.training import hub
 
     args = parse_args(MaskDiTRecipe(), ["--push_to_hub", "--hub_model_id", "me/maskdit", "--hub_token", "tok"])
-    upload = prepare_hub_upload(args, tmp_path)
+    upload = prepare_hub_upload(args.hub, tmp_path)
     assert upload["repo_id"] == "me/maskdit" and upload["folder_path"] == str(tmp_path)
     assert "checkpoint-*" in upload["ignore_patterns"] and upload["ignore_patterns"] == HUB_IGNORE_PATTERNS
     calls = {}
@@ -217,10 +217,10 @@ def test_hub_upload_is_prepared_without_network(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: calls.setdefault("create", (a, k)) and Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **k: calls.setdefault("upload", k))
-    assert hub.push_to_hub(args, tmp_path) == "me/maskdit"
+    assert hub.push_to_hub(args.hub, tmp_path) == "me/maskdit"
     assert calls["upload"]["repo_id"] == "me/maskdit" and calls["create"][0] == ("me/maskdit",)
     with pytest.raises(ValueError, match="hub_model_id"):
-        prepare_hub_upload(parse_args(MaskDiTRecipe(), ["--push_to_hub"]), tmp_path)
+        prepare_hub_upload(parse_args(MaskDiTRecipe(), ["--push_to_hub"]).hub, tmp_path)
 
 
 @needs_fmnist

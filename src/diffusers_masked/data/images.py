@@ -13,14 +13,24 @@ from torch.utils.data import Dataset
 from .fashion_mnist import load_fashion_mnist
 
 
-def load_image_dataset(args: Any):
-    """The training `datasets.Dataset` chosen by --dataset_name / --train_data_dir / the Fashion-MNIST default."""
+def load_image_dataset(
+    *,
+    dataset_name: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    fashion_mnist_dir: Optional[str] = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    max_train_samples: Optional[int] = None,
+):
+    """The training `datasets.Dataset` chosen by ``dataset_name`` / ``train_data_dir`` / the Fashion-MNIST default
+    (the trainer's --dataset_name, --train_data_dir, ... flags of the same names)."""
     import datasets
 
-    if args.dataset_name and args.train_data_dir:
+    if dataset_name and train_data_dir:
         raise ValueError("Pass either --dataset_name or --train_data_dir, not both.")
-    if args.train_data_dir:
-        root = Path(args.train_data_dir)
+    if train_data_dir:
+        root = Path(train_data_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"--train_data_dir {root} does not exist or is not a folder.")
         files = [p for p in root.rglob("*") if p.is_file()]
@@ -28,23 +38,23 @@ def load_image_dataset(args: Any):
             raise ValueError(f"--train_data_dir {root} is empty: put images in it (optionally in class sub-folders).")
         ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
         parents = {p.parent for p in files}
-        if args.label_column not in ds.column_names and len(parents) == 1 and next(iter(parents)) != root:
+        if label_column not in ds.column_names and len(parents) == 1 and next(iter(parents)) != root:
             # imagefolder infers no label from a single class folder; keep its name (useful to fine-tune one class).
             names = [next(iter(parents)).name]
-            ds = ds.add_column(args.label_column, [0] * len(ds))
-            ds = ds.cast_column(args.label_column, datasets.ClassLabel(names=names))
-    elif args.dataset_name:
-        ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+            ds = ds.add_column(label_column, [0] * len(ds))
+            ds = ds.cast_column(label_column, datasets.ClassLabel(names=names))
+    elif dataset_name:
+        ds = datasets.load_dataset(dataset_name, dataset_config_name, split="train")
     else:
-        ds = load_fashion_mnist("train", getattr(args, "fashion_mnist_dir", None))
+        ds = load_fashion_mnist("train", fashion_mnist_dir)
     if len(ds) == 0:
         raise ValueError("The training data set is empty.")
-    if args.image_column not in ds.column_names:
+    if image_column not in ds.column_names:
         raise ValueError(
-            f"--image_column {args.image_column!r} not in the data set columns {ds.column_names}; pass the right name."
+            f"--image_column {image_column!r} not in the data set columns {ds.column_names}; pass the right name."
         )
-    if args.max_train_samples:
-        ds = ds.select(range(min(args.max_train_samples, len(ds))))
+    if max_train_samples:
+        ds = ds.select(range(min(max_train_samples, len(ds))))
     return ds
 
 

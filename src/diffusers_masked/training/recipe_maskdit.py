@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..models.layers import patchify
 from ..models.transformer_maskdit import MaskDiTTransformer2DModel
 from ..pipelines.pipeline_maskdit import MaskDiTPipeline
+from .config import TrainConfig
+from .context import LossOutput, TrainContext
 from .objectives import Objective, masked_mean, per_token
 from .recipe import (
+    EDMConfig,
+    RouteConfig,
     TrainingRecipe,
+    UsageError,
+    add_edm_arguments,
     add_route_arguments,
-    check_route_args,
+    check_route_config,
     draw_ids_keep,
     draw_route_ids,
+    edm_objective,
     route_overrides,
     route_ratio_at,
 )
@@ -43,24 +51,25 @@ def maskdit_loss(
     mae_loss_coef: float,
     generator: Optional[torch.Generator] = None,
     route_ratio: float = 0.0,
+    bare: Optional[torch.nn.Module] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Loss of one MaskDiT step; returns the batch mean and the parts (per-batch means) for logging.
 
-    ``route_ratio > 0`` adds TREAD routing inside the encoder, among the kept tokens (the loss is unchanged)."""
-    inner = getattr(model, "module", model)
-    patch_size = inner.config.patch_size
+    ``route_ratio > 0`` adds TREAD routing inside the encoder, among the kept tokens (the loss is unchanged).
+    ``bare``: the unwrapped model for attribute reads when ``model`` is DDP-wrapped (default: ``model``). An
+    unmasked step leaves the mask token unused; `MaskDiTRecipe.compute_loss` declares it (`LossOutput.unused`)."""
+    bare = model if bare is None else bare
+    patch_size = bare.config.patch_size
     channels = x0.shape[1]
     noisy = objective.add_noise(x0, generator)
-    ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
-    route_ids = draw_route_ids(x0.shape[0], inner.num_tokens, ids_keep, route_ratio, x0.device, generator)
+    ids_keep = draw_ids_keep(bare, x0.shape[0], mask_ratio, x0.device, generator)
+    route_ids = draw_route_ids(x0.shape[0], bare.num_tokens, ids_keep, route_ratio, x0.device, generator)
     out = model(noisy.model_input, noisy.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond)
     prediction = out.sample[:, :channels]
     per_element = objective.per_element_loss(prediction, noisy, x0)
     if out.mask is None:
-        dsm = per_element.flatten(1).mean(dim=1)
-        # Keeps the unused mask token in the graph so DDP does not wait for its gradient.
-        loss = dsm.mean() + 0.0 * inner.mask_token.sum()
-        return loss, {"dsm": dsm.mean().detach()}
+        dsm = per_element.flatten(1).mean(dim=1).mean()
+        return dsm, {"dsm": dsm.detach()}
     dsm = masked_mean(per_token(per_element, patch_size), ~out.mask)
     loss = dsm
     logs = {"dsm": dsm.mean().detach()}
@@ -71,18 +80,27 @@ def maskdit_loss(
     return loss.mean(), logs
 
 
+@dataclass(frozen=True)
+class MaskDiTConfig(EDMConfig, RouteConfig):
+    """MaskDiT's flags: the MAE weight, a learned variance, the EDM constants and TREAD routing."""
+
+    mae_loss_coef: float = 0.1
+    learn_sigma: bool = False
+
+
 class MaskDiTRecipe(TrainingRecipe):
     """MaskDiT as the paper: EDM objective, mask ratio 0.5, MAE coefficient 0.1, optional unmasked fine-tuning."""
 
     name = "maskdit"
     model_cls = MaskDiTTransformer2DModel
     pipeline_cls = MaskDiTPipeline
+    config_cls = MaskDiTConfig
     model_card = "maskdit.md"
     default_objective = "edm"
     default_mask_ratio = 0.5
     # The paper closes with a short unmasked stage: it removes the train (masked) / sample (unmasked) gap.
     default_unmasked_finetune_fraction = 0.1
-    # Small enough to train on 2 CPU cores in ~15 minutes on 28x28 Fashion-MNIST (7x7 = 49 tokens of 4x4 patches).
+    # Small enough for a CPU run on 28x28 Fashion-MNIST (7x7 = 49 tokens of 4x4 patches).
     demo_model_config = dict(
         patch_size=4,
         hidden_size=192,
@@ -93,36 +111,32 @@ class MaskDiTRecipe(TrainingRecipe):
         decoder_num_attention_heads=2,
     )
     demo_defaults = dict(max_train_steps=1500, train_batch_size=128, learning_rate=5e-4, lr_warmup_steps=100,
-                         use_ema=True, ema_decay=0.999, checkpointing_steps=500, validation_steps=500,
-                         )
+                         use_ema=True, ema_decay=0.999, checkpointing_steps=500, validation_steps=500)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--mae_loss_coef", type=float, default=0.1, help="Weight of the MAE term (paper: 0.1).")
+        d = MaskDiTConfig()
+        parser.add_argument("--mae_loss_coef", type=float, default=d.mae_loss_coef,
+                            help="Weight of the MAE term (paper: 0.1).")
         parser.add_argument("--learn_sigma", action="store_true", help="Predict a variance too (2C outputs).")
-        parser.add_argument("--edm_sigma_data", type=float, default=0.5)
-        parser.add_argument("--edm_p_mean", type=float, default=-1.2)
-        parser.add_argument("--edm_p_std", type=float, default=1.2)
+        add_edm_arguments(parser, d)
         add_route_arguments(parser, "encoder")
 
-    def check_args(self, args: argparse.Namespace, error) -> None:
-        check_route_args(args, error)
+    def check_config(self, config: TrainConfig, error: UsageError) -> None:
+        check_route_config(config.recipe, error)
 
-    def build_objective(self, args: argparse.Namespace):
-        from .objectives import build_objective
+    def build_objective(self, ctx: TrainContext) -> Objective:
+        return edm_objective(ctx)
 
-        return build_objective(args.objective or self.default_objective, sigma_data=args.edm_sigma_data,
-                               p_mean=args.edm_p_mean, p_std=args.edm_p_std)
-
-    def model_overrides(self, args: argparse.Namespace):
-        overrides = {"learn_sigma": True} if args.learn_sigma else {}
-        overrides.update(route_overrides(args))
+    def model_overrides(self, ctx: TrainContext) -> Dict[str, Any]:
+        config: MaskDiTConfig = ctx.config.recipe
+        overrides: Dict[str, Any] = {"learn_sigma": True} if config.learn_sigma else {}
+        overrides.update(route_overrides(config))
         return overrides
 
-    def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
-        # Called once per step before compute_loss, which has no step: remember the step's route ratio.
-        self._route_ratio = route_ratio_at(args, step)
-        return super().mask_ratio(args, step, generator)
-
-    def compute_loss(self, model, objective, x0, cond, mask_ratio, args, generator):
-        route_ratio = getattr(self, "_route_ratio", getattr(args, "route_ratio", 0.0))
-        return maskdit_loss(model, objective, x0, cond, mask_ratio, args.mae_loss_coef, generator, route_ratio)
+    def compute_loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> LossOutput:
+        cond = self.conditioning_kwargs(batch, ctx)
+        ratio = self.mask_ratio(ctx)
+        loss, logs = maskdit_loss(model, ctx.objective, batch["x0"], cond, ratio, ctx.config.recipe.mae_loss_coef,
+                                  ctx.generator, route_ratio_at(ctx), bare=ctx.model)
+        unused = [ctx.model.mask_token] if ratio == 0 else []
+        return LossOutput(loss, {"mask_ratio": ratio, **logs}, unused=unused)

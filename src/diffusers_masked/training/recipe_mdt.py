@@ -13,17 +13,22 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..models.transformer_mdt import MDTv2Transformer2DModel
 from ..pipelines.pipeline_mdt import MDTv2Pipeline
+from .config import TrainConfig
+from .context import BackwardPart, LossOutput, TrainContext
 from .objectives import DDPMObjective, NoisyBatch, Objective
 from .recipe import (
+    RouteConfig,
     TrainingRecipe,
+    UsageError,
     add_route_arguments,
-    check_route_args,
+    check_route_config,
     draw_ids_keep,
     draw_route_ids,
     route_overrides,
@@ -108,81 +113,170 @@ def min_snr_weight(objective: DDPMObjective, t: torch.Tensor, gamma: float) -> t
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The loss of one step
+# ----------------------------------------------------------------------------------------------------------------
+#: MDTv2's training mask ratios: one per batch from U[0.3, 0.5); 0.3 when fixed (MDT v1).
+MASK_RATIO_RANGE: Tuple[float, float] = (0.3, 0.5)
+DEFAULT_MASK_RATIO = 0.3
+
+
+def branch_loss(
+    model,
+    objective: DDPMObjective,
+    vlb: LearnedVarianceVLB,
+    x0: torch.Tensor,
+    batch: NoisyBatch,
+    cond: Dict[str, torch.Tensor],
+    mask_ratio: float,
+    gamma: float,
+    generator: Optional[torch.Generator],
+    route_ratio: float = 0.0,
+    bare: Optional[torch.nn.Module] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens. ``route_ratio > 0`` adds TREAD
+    routing inside the encoder (among the kept tokens in the masked branch)."""
+    bare = model if bare is None else bare
+    ids_keep = draw_ids_keep(bare, x0.shape[0], mask_ratio, x0.device, generator)
+    route_ids = draw_route_ids(x0.shape[0], bare.num_tokens, ids_keep, route_ratio, x0.device, generator)
+    out = model(batch.model_input, batch.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond).sample
+    c = x0.shape[1]
+    eps, var_values = out[:, :c], out[:, c:]
+    mse = objective.per_element_loss(eps, batch, x0).flatten(1).mean(1)
+    vb = vlb(eps, var_values, batch, x0)
+    return min_snr_weight(objective, batch.level, gamma) * mse + vb, mse, vb
+
+
+def mdtv2_loss(
+    model,
+    objective: DDPMObjective,
+    x0: torch.Tensor,
+    cond: Dict[str, torch.Tensor],
+    mask_ratio: float,
+    min_snr_gamma: float = 5.0,
+    generator: Optional[torch.Generator] = None,
+    route_ratio: float = 0.0,
+    backward_part: Optional[BackwardPart] = None,
+    bare: Optional[torch.nn.Module] = None,
+    vlb: Optional[LearnedVarianceVLB] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Loss of one MDTv2 step (see the module docstring) and its parts for logging.
+
+    ``mask_ratio`` 0 runs the full branch only (the side-interpolater is then unused). With ``backward_part`` (see
+    `TrainContext.backward_part`) the full branch is back-propagated before the masked one runs and only its value
+    joins the returned loss: same gradients, one branch's activations alive at a time. Both branches route when
+    ``route_ratio > 0`` (the encoder is the routed stack in each). ``bare``: the unwrapped model for attribute reads
+    (default: ``model``); ``vlb``: a cached `LearnedVarianceVLB` of ``objective``."""
+    if not isinstance(objective, DDPMObjective) or not objective.learned_variance:
+        raise ValueError("MDTv2 needs a DDPMObjective with learned_variance=True (see MDTv2Recipe.build_objective).")
+    vlb = LearnedVarianceVLB(objective) if vlb is None else vlb
+    full = objective.add_noise(x0, generator)
+    parts = {}
+
+    def full_branch() -> torch.Tensor:
+        parts["full"] = branch_loss(model, objective, vlb, x0, full, cond, 0.0, min_snr_gamma, generator,
+                                    route_ratio, bare)
+        return parts["full"][0].mean()
+
+    split = backward_part is not None and mask_ratio > 0
+    loss = backward_part(full_branch) if split else full_branch()
+    loss_full, mse, vb = parts["full"]
+    logs = {"mse": mse.mean().detach(), "vb": vb.mean().detach(), "loss_full": loss_full.mean().detach()}
+    if mask_ratio > 0:
+        # Same clean batch and timesteps, fresh noise (as the official two training_losses calls).
+        noise = torch.randn(x0.shape, generator=generator,
+                            device=generator.device if generator is not None else x0.device)
+        noise = noise.to(x0.device, x0.dtype)
+        noisy = objective.scheduler.add_noise(x0, noise, full.level)
+        masked = NoisyBatch(model_input=noisy, timestep=full.timestep, noisy=noisy, noise=noise, level=full.level)
+        loss_m, m_mse, m_vb = branch_loss(model, objective, vlb, x0, masked, cond, mask_ratio, min_snr_gamma,
+                                          generator, route_ratio, bare)
+        loss = loss + loss_m.mean()
+        logs.update(m_mse=m_mse.mean().detach(), m_vb=m_vb.mean().detach(), m_loss=loss_m.mean().detach())
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Recipe
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MDTv2Config(RouteConfig):
+    """MDTv2's flags: how the per-batch mask ratio is drawn, the loss weight, the optimizer, the split backward."""
+
+    mask_ratio_range: Tuple[float, float] = MASK_RATIO_RANGE
+    min_snr_gamma: float = 5.0
+    num_decoder_layers: Optional[int] = None
+    no_masked_branch: bool = False
+    mask_ratio_levels: int = 4
+    split_branch_backward: bool = True
+    use_adan: bool = False
+
+
 class MDTv2Recipe(TrainingRecipe):
     """`TrainingRecipe` of MDTv2 (see the module docstring for the loss)."""
 
     name = "mdt"
     model_cls = MDTv2Transformer2DModel
     pipeline_cls = MDTv2Pipeline
+    config_cls = MDTv2Config
     model_card = "mdtv2.md"
     default_objective = "epsilon"
-    default_mask_ratio = MDTv2Transformer2DModel.default_mask_ratio
+    default_mask_ratio = DEFAULT_MASK_RATIO
     mask_ratio_help = ("Fix the share of masked tokens (MDT v1 style); default: one ratio per batch drawn from "
                        "--mask_ratio_range (MDTv2).")
     # Small model for the no-argument CPU run on Fashion-MNIST (28 x 28 pixels, 1 channel; 7 x 7 tokens).
     demo_model_config: Dict[str, Any] = dict(
         patch_size=4, hidden_size=128, num_layers=6, num_decoder_layers=2, num_attention_heads=4
     )
-    # Each step runs two forward passes (full + masked branch).
     demo_defaults: Dict[str, Any] = dict(max_train_steps=1500, train_batch_size=128, learning_rate=3e-4,
                                          lr_warmup_steps=100, use_ema=True, ema_decay=0.999,
                                          checkpointing_steps=500, validation_steps=500)
 
+    def __init__(self):
+        self._vlb: Optional[LearnedVarianceVLB] = None
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        low, high = MDTv2Transformer2DModel.mask_ratio_range
-        parser.add_argument("--mask_ratio_range", type=float, nargs=2, default=[low, high], metavar=("LOW", "HIGH"),
+        d = MDTv2Config()
+        parser.add_argument("--mask_ratio_range", type=float, nargs=2, default=list(d.mask_ratio_range),
+                            metavar=("LOW", "HIGH"),
                             help="MDTv2 draws one mask ratio per batch from U[LOW, HIGH); --mask_ratio fixes it (v1).")
-        parser.add_argument("--min_snr_gamma", type=float, default=5.0,
+        parser.add_argument("--min_snr_gamma", type=float, default=d.min_snr_gamma,
                             help="Timestep weight min(SNR, gamma)/SNR of the MSE term (MDTv2); 0 = unweighted (v1).")
         parser.add_argument("--num_decoder_layers", type=int, default=None, help="Override the decoder depth.")
         parser.add_argument("--no_masked_branch", action="store_true",
                             help="Train only the full (unmasked) branch: a plain DiT-style baseline.")
-        parser.add_argument("--mask_ratio_levels", type=int, default=4,
+        parser.add_argument("--mask_ratio_levels", type=int, default=d.mask_ratio_levels,
                             help="Quantise the per-batch ratio to this many bin centres of the range (0 = continuous "
                             "as the official code; quantised ratios avoid torch.compile recompiles).")
-        parser.add_argument("--split_branch_backward", action=argparse.BooleanOptionalAction, default=True,
+        parser.add_argument("--split_branch_backward", action=argparse.BooleanOptionalAction,
+                            default=d.split_branch_backward,
                             help="Back-propagate the full branch before running the masked one: same gradients, the "
-                            "activation memory of one branch instead of two (MDTv2-XL/2 at batch 128 fits in 80 GB "
-                            "only this way; measured as fast or faster at batch 32). Single-process and DDP runs; "
+                            "activation memory of one branch instead of two. Single-process and DDP runs; "
                             "--no-split_branch_backward for one backward of the summed loss.")
         parser.add_argument("--use_adan", action="store_true",
                             help="Adan optimizer (betas 0.98/0.92/0.99) as the official MDTv2 training; lr, weight "
                             "decay and epsilon come from --learning_rate / --adam_weight_decay / --adam_epsilon.")
         add_route_arguments(parser, "encoder")
 
-    def check_args(self, args: argparse.Namespace, error) -> None:
-        low, high = args.mask_ratio_range
+    def check_config(self, config: TrainConfig, error: UsageError) -> None:
+        c: MDTv2Config = config.recipe
+        low, high = c.mask_ratio_range
         if not 0.0 <= low <= high < 1.0:
-            paper = " ".join(f"{v:g}" for v in MDTv2Transformer2DModel.mask_ratio_range)
+            paper = " ".join(f"{v:g}" for v in MASK_RATIO_RANGE)
             error(f"--mask_ratio_range {low:g} {high:g}: LOW and HIGH must satisfy 0 <= LOW <= HIGH < 1 "
                   f"(MDTv2's default: {paper}).")
-        if args.mask_ratio_levels < 0:
-            error(f"--mask_ratio_levels {args.mask_ratio_levels}: must be >= 0 (0 = continuous ratios).")
-        if args.num_decoder_layers is not None and args.num_decoder_layers < 1:
-            error(f"--num_decoder_layers {args.num_decoder_layers}: must be >= 1.")
-        check_route_args(args, error)
+        if c.mask_ratio_levels < 0:
+            error(f"--mask_ratio_levels {c.mask_ratio_levels}: must be >= 0 (0 = continuous ratios).")
+        if c.num_decoder_layers is not None and c.num_decoder_layers < 1:
+            error(f"--num_decoder_layers {c.num_decoder_layers}: must be >= 1.")
+        check_route_config(c, error)
 
-    #: Set by `setup` with --split_branch_backward: ``backward_part(closure)`` runs a branch's forward and
-    #: backward at once (see `DiffusionTrainer.backward_part`).
-    backward_part: Optional[Callable[[Callable[[], torch.Tensor]], torch.Tensor]] = None
-
-    def setup(self, trainer: Any) -> None:
-        if not getattr(trainer.args, "split_branch_backward", False):
-            return
-        from accelerate.utils import DistributedType
-
-        kind = trainer.accelerator.distributed_type
-        if kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-            self.backward_part = trainer.backward_part
-        else:
-            # DeepSpeed steps its optimizer inside backward and FSDP's no_sync keeps unsharded gradients.
+    def setup(self, ctx: TrainContext) -> None:
+        if ctx.config.recipe.split_branch_backward and ctx.backward_part is None and ctx.accelerator is not None:
             logger.warning("--split_branch_backward is for single-process and DDP runs; %s uses one joint backward.",
-                           kind)
+                           ctx.accelerator.distributed_type)
 
-    def build_objective(self, args: argparse.Namespace) -> Objective:
-        name = args.objective or self.default_objective
+    def build_objective(self, ctx: TrainContext) -> Objective:
+        name = ctx.config.model.objective
         if name not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"MDTv2 trains with the DDPM objective and a learned variance; --objective {name} is not supported. "
@@ -190,131 +284,69 @@ class MDTv2Recipe(TrainingRecipe):
             )
         return DDPMObjective(prediction_type=name, learned_variance=True)
 
-    def learned_variance(self, args: argparse.Namespace) -> bool:
-        return True
-
-    def model_overrides(self, args: argparse.Namespace) -> Dict[str, Any]:
+    def model_overrides(self, ctx: TrainContext) -> Dict[str, Any]:
+        c: MDTv2Config = ctx.config.recipe
         overrides: Dict[str, Any] = dict(learn_sigma=True, out_channels=None)
-        if args.num_decoder_layers is not None:
-            overrides["num_decoder_layers"] = args.num_decoder_layers
-        overrides.update(route_overrides(args))
+        if c.num_decoder_layers is not None:
+            overrides["num_decoder_layers"] = c.num_decoder_layers
+        overrides.update(route_overrides(c))
         return overrides
 
-    def build_pipeline(self, transformer, scheduler, vae, id2label: Optional[Dict[int, str]], trainer: Any):
+    def build_pipeline(self, transformer, scheduler, vae, ctx: TrainContext):
         # The official sampler respaces with linspace (steps {0, 4, ..., 999} for 250), not DDPM's "leading" default.
         scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing="linspace")
-        return self.pipeline_cls(transformer=transformer, scheduler=scheduler, vae=vae, id2label=id2label)
+        return self.pipeline_cls(transformer=transformer, scheduler=scheduler, vae=vae, id2label=ctx.id2label)
 
-    def build_optimizer(self, params, args: argparse.Namespace) -> Optional[torch.optim.Optimizer]:
-        if not args.use_adan:
+    def build_optimizer(self, params: List[torch.nn.Parameter], ctx: TrainContext) -> Optional[torch.optim.Optimizer]:
+        if not ctx.config.recipe.use_adan:
             return None  # the trainer's AdamW
         from .optimizers import Adan
 
-        return Adan(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        o = ctx.config.optim
+        return Adan(params, lr=o.learning_rate, weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
 
-    def mask_ratio(self, args: argparse.Namespace, step: int, generator: Optional[torch.Generator]) -> float:
+    def mask_ratio(self, ctx: TrainContext) -> float:
         """One ratio per batch from ``U[--mask_ratio_range)`` (MDTv2), or ``--mask_ratio`` when given (v1);
         0 in the final unmasked fine-tuning steps or with ``--no_masked_branch``."""
-        # Called once per step before compute_loss, which has no step: remember the step's route ratio.
-        self._route_ratio = route_ratio_at(args, step)
-        if args.no_masked_branch or step >= args.max_train_steps - args.unmasked_finetune_steps:
+        c: MDTv2Config = ctx.config.recipe
+        if c.no_masked_branch or ctx.finetuning:
             return 0.0
-        if args.mask_ratio is not None:
-            return float(args.mask_ratio)
-        low, high = args.mask_ratio_range
+        if ctx.config.model.mask_ratio is not None:
+            return float(ctx.config.model.mask_ratio)
+        low, high = c.mask_ratio_range
         if not 0.0 <= low <= high < 1.0:
             raise ValueError(f"--mask_ratio_range must satisfy 0 <= LOW <= HIGH < 1, got {low} {high}.")
+        generator = ctx.generator
         device = generator.device if generator is not None else "cpu"
+        # The ratio fixes the number of kept tokens (a shape), so it is a Python number: one host read per step.
         u = torch.rand((), generator=generator, device=device).item()
-        levels = args.mask_ratio_levels
-        if levels:
+        if c.mask_ratio_levels:
             # A few fixed ratios (bin centres, same mean as the uniform draw) keep the number of kept-token shapes
             # small, so torch.compile builds a handful of graphs instead of one per ratio.
-            u = (math.floor(u * levels) + 0.5) / levels
+            u = (math.floor(u * c.mask_ratio_levels) + 0.5) / c.mask_ratio_levels
         return low + (high - low) * u
 
-    def branch_loss(
-        self,
-        model,
-        objective: DDPMObjective,
-        vlb: LearnedVarianceVLB,
-        x0: torch.Tensor,
-        batch: NoisyBatch,
-        cond: Dict[str, torch.Tensor],
-        mask_ratio: float,
-        gamma: float,
-        generator: Optional[torch.Generator],
-        route_ratio: float = 0.0,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens. ``route_ratio > 0`` adds TREAD
-        routing inside the encoder (among the kept tokens in the masked branch)."""
-        ids_keep = draw_ids_keep(model, x0.shape[0], mask_ratio, x0.device, generator)
-        inner = getattr(model, "module", model)
-        route_ids = draw_route_ids(x0.shape[0], inner.num_tokens, ids_keep, route_ratio, x0.device, generator)
-        out = model(batch.model_input, batch.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond).sample
-        c = x0.shape[1]
-        eps, var_values = out[:, :c], out[:, c:]
-        mse = objective.per_element_loss(eps, batch, x0).flatten(1).mean(1)
-        vb = vlb(eps, var_values, batch, x0)
-        return min_snr_weight(objective, batch.level, gamma) * mse + vb, mse, vb
+    def compute_loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> LossOutput:
+        cond = self.conditioning_kwargs(batch, ctx)
+        ratio = self.mask_ratio(ctx)
+        if self._vlb is None or self._vlb.objective is not ctx.objective:
+            self._vlb = LearnedVarianceVLB(ctx.objective)
+        c: MDTv2Config = ctx.config.recipe
+        backward_part = ctx.backward_part if c.split_branch_backward else None
+        loss, logs = mdtv2_loss(model, ctx.objective, batch["x0"], cond, ratio, c.min_snr_gamma, ctx.generator,
+                                route_ratio_at(ctx), backward_part, bare=ctx.model, vlb=self._vlb)
+        # Without masking the side-interpolater gets no gradient.
+        unused = list(ctx.model.side_interpolater.parameters()) if ratio == 0 else []
+        return LossOutput(loss, {"mask_ratio": ratio, **logs}, unused=unused)
 
-    def compute_loss(
-        self,
-        model,
-        objective: Objective,
-        x0: torch.Tensor,
-        cond: Dict[str, torch.Tensor],
-        mask_ratio: float,
-        args: argparse.Namespace,
-        generator: Optional[torch.Generator],
-    ) -> Tuple[torch.Tensor, Dict[str, float]]:
-        if not isinstance(objective, DDPMObjective) or not objective.learned_variance:
-            raise ValueError("MDTv2Recipe needs a DDPMObjective with learned_variance=True (see build_objective).")
-        if getattr(self, "_vlb_for", None) is not objective:
-            self._vlb, self._vlb_for = LearnedVarianceVLB(objective), objective
-        gamma = getattr(args, "min_snr_gamma", 5.0)
-        # Both branches route (the encoder is the routed stack in each); 0 unless --route_ratio is given.
-        route_ratio = getattr(self, "_route_ratio", getattr(args, "route_ratio", 0.0))
-        full = objective.add_noise(x0, generator)
-        split = self.backward_part is not None and mask_ratio > 0
-        parts = {}
-
-        def full_branch() -> torch.Tensor:
-            parts["full"] = self.branch_loss(model, objective, self._vlb, x0, full, cond, 0.0, gamma, generator,
-                                             route_ratio)
-            return parts["full"][0].mean()
-
-        # Split: the full branch is back-propagated here and only its value joins the returned loss.
-        loss = self.backward_part(full_branch) if split else full_branch()
-        loss_full, mse, vb = parts["full"]
-        logs = {"mse": mse.mean().detach(), "vb": vb.mean().detach(), "loss_full": loss_full.mean().detach()}
-        if mask_ratio > 0:
-            # Same clean batch and timesteps, fresh noise (as the official two training_losses calls).
-            noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator is not None else x0.device)
-            noise = noise.to(x0.device, x0.dtype)
-            noisy = objective.scheduler.add_noise(x0, noise, full.level)
-            masked = NoisyBatch(model_input=noisy, timestep=full.timestep, noisy=noisy, noise=noise, level=full.level)
-            loss_m, m_mse, m_vb = self.branch_loss(model, objective, self._vlb, x0, masked, cond, mask_ratio, gamma,
-                                                   generator, route_ratio)
-            loss = loss + loss_m.mean()
-            logs.update(m_mse=m_mse.mean().detach(), m_vb=m_vb.mean().detach(), m_loss=loss_m.mean().detach())
-        else:
-            # The side-interpolater is unused without masking; keep it in the graph so DDP does not wait for it.
-            side = getattr(model, "module", model).side_interpolater
-            loss = loss + 0.0 * sum(p.sum() for p in side.parameters())
-        return loss, logs
-
-    def card_fields(self, trainer: Any) -> Dict[str, Any]:
-        args = trainer.args
-        if args.no_masked_branch:
+    def card_fields(self, ctx: TrainContext) -> Dict[str, Any]:
+        c: MDTv2Config = ctx.config.recipe
+        if c.no_masked_branch:
             masking = "none (full branch only)"
-        elif args.mask_ratio is not None:
-            masking = f"fixed {args.mask_ratio}"
+        elif ctx.config.model.mask_ratio is not None:
+            masking = f"fixed {ctx.config.model.mask_ratio}"
         else:
-            masking = f"U[{args.mask_ratio_range[0]}, {args.mask_ratio_range[1]}) per batch"
+            masking = f"U[{c.mask_ratio_range[0]}, {c.mask_ratio_range[1]}) per batch"
         # (`mask_ratio` itself is filled by the trainer; this adds how it was drawn.)
-        return {
-            "mask_ratio_schedule": masking,
-            "min_snr_gamma": args.min_snr_gamma,
-            "optimizer": "Adan" if args.use_adan else "AdamW",
-        }
+        return {"mask_ratio_schedule": masking, "min_snr_gamma": c.min_snr_gamma,
+                "optimizer": "Adan" if c.use_adan else "AdamW"}

@@ -1,0 +1,191 @@
+"""The training data stream: the data set, the optional VAE and latent cache, a resumable batch order, and the clean
+samples ``x0`` each step trains on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..data import (
+    FASHION_MNIST_CLASSES,
+    ImageClassDataset,
+    LatentCacheDataset,
+    build_latent_cache,
+    class_names,
+    collate_batch,
+    infer_image_geometry,
+    load_image_dataset,
+    sample_latents,
+)
+from .config import TrainConfig
+from .context import DataInfo
+
+logger = logging.getLogger(__name__)
+
+
+class EpochBatchSampler(Sampler):
+    """Deterministic shuffled batches: epoch e uses permutation seed+e, the global batch of each step is split over
+    the processes, and iteration can start at any step. This makes resume exact and makes N processes see the same
+    global batches as one process with an N-times larger batch."""
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int, rank: int, seed: int):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.global_batch = batch_size * num_replicas
+        if num_samples < self.global_batch:
+            raise ValueError(
+                f"The data set has {num_samples} samples, fewer than one global batch ({self.global_batch}); "
+                "lower --train_batch_size or add data."
+            )
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self):
+        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for step in range(self.start, len(self)):
+            offset = step * self.global_batch + self.rank * self.batch_size
+            yield perm[offset : offset + self.batch_size].tolist()
+
+
+def load_vae(path: str, device: torch.device):
+    """The frozen `AutoencoderKL` of a latent-space run."""
+    from diffusers import AutoencoderKL
+
+    if not os.path.isdir(path):
+        logger.warning("--vae_path %s is not a local folder; trying it as a Hub id.", path)
+    vae = AutoencoderKL.from_pretrained(path)
+    vae.requires_grad_(False).eval().to(device)
+    return vae
+
+
+class TrainingData:
+    """The data set, its geometry and labels (`info`), the VAE (or None), and the loader of loader batches.
+
+    Args:
+        config: The run's config (the ``data`` section, the batch size, seed and output folder).
+        accelerator: Gives the device and this process's share of each global batch.
+    """
+
+    def __init__(self, config: TrainConfig, accelerator: Any):
+        d = config.data
+        self.config, self.accelerator = d, accelerator
+        ds = load_image_dataset(
+            dataset_name=d.dataset_name, dataset_config_name=d.dataset_config_name, train_data_dir=d.train_data_dir,
+            fashion_mnist_dir=d.fashion_mnist_dir, image_column=d.image_column, label_column=d.label_column,
+            max_train_samples=d.max_train_samples)
+        channels, size = infer_image_geometry(ds, d.image_column)
+        resolution = d.resolution or size
+        names = class_names(ds, d.label_column)
+        if names is None and d.uses_default_data:
+            names = list(FASHION_MNIST_CLASSES)
+        self.image_dataset = ImageClassDataset(ds, d.image_column, d.label_column, resolution, channels)
+        self.vae = load_vae(d.vae_path, accelerator.device) if d.vae_path else None
+        sample_size, model_channels = self._model_geometry(resolution, channels)
+        self.dataset = self._training_dataset(ds, resolution, Path(config.output_dir))
+        self.info = DataInfo(resolution=resolution, sample_size=sample_size, channels=model_channels,
+                             pixel_channels=channels, class_names=names,
+                             id2label=dict(enumerate(names)) if names else None, num_samples=len(self.dataset))
+        self.sampler = EpochBatchSampler(len(self.dataset), config.optim.train_batch_size,
+                                         accelerator.num_processes, accelerator.process_index, config.seed)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_batch,
+                                 num_workers=d.dataloader_num_workers, pin_memory=torch.cuda.is_available())
+
+    def _model_geometry(self, resolution: int, channels: int):
+        """(sample_size, channels) of the model input: the images', or the VAE latents'."""
+        d, vae = self.config, self.vae
+        if vae is None:
+            sample_size, model_channels = resolution, channels
+        else:
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            if resolution % factor:
+                raise ValueError(
+                    f"--resolution {resolution} must be divisible by the VAE's downsampling factor {factor}.")
+            sample_size, model_channels = resolution // factor, vae.config.latent_channels
+            if vae.config.in_channels != channels:
+                raise ValueError(
+                    f"The VAE takes {vae.config.in_channels}-channel images but the data has {channels} channels.")
+        if d.in_channels is not None and d.in_channels != model_channels:
+            what = "latent" if vae is not None else "image"
+            raise ValueError(
+                f"--in_channels {d.in_channels} does not match the data: the {what}s have {model_channels} "
+                "channels (grayscale = 1, RGB = 3, SD-VAE latents = 4). Drop --in_channels or convert the data."
+            )
+        return sample_size, model_channels
+
+    def _training_dataset(self, ds, resolution: int, output_dir: Path):
+        """The images, or with --cache_latents their VAE moments encoded once (by the main process)."""
+        d, acc = self.config, self.accelerator
+        if not d.cache_latents:
+            return self.image_dataset
+        cache_dir = Path(d.latent_cache_dir or output_dir / "latent_cache")
+        fingerprint = f"{len(ds)}-{resolution}-{getattr(ds, '_fingerprint', 'na')}-{d.vae_path}"
+        if acc.is_main_process:
+            build_latent_cache(self.image_dataset, self.vae, cache_dir, device=acc.device, fingerprint=fingerprint)
+        acc.wait_for_everyone()
+        return LatentCacheDataset(cache_dir)
+
+    def batches(self, steps_done: Callable[[], int], accumulation: int) -> Iterator[Dict[str, torch.Tensor]]:
+        """Loader batches, epoch after epoch, each epoch entered where ``steps_done()`` optimizer steps left off
+        (so a resumed run continues the interrupted one's order); the caller stops."""
+        steps_per_epoch = len(self.sampler) // accumulation
+        if steps_per_epoch == 0:
+            raise ValueError("One epoch holds fewer batches than --gradient_accumulation_steps; lower it or add data.")
+
+        def endless() -> Iterator[Dict[str, torch.Tensor]]:
+            while True:
+                epoch, start_batch = divmod(steps_done() * accumulation, steps_per_epoch * accumulation)
+                self.sampler.set_position(epoch, start_batch)
+                yield from self.loader
+
+        return endless()
+
+    def clean_batch(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Clean training sample x0 (pixels in [-1, 1] or scaled VAE latents) for a loader batch."""
+        device = self.accelerator.device
+        if "moments" in batch:
+            cfg = self.vae.config
+            shift = getattr(cfg, "shift_factor", None) or 0.0
+            x0 = sample_latents(batch["moments"].to(device), cfg.scaling_factor, shift, generator)
+            return x0.float()
+        x = batch["pixel_values"].to(device)
+        if self.config.random_flip:
+            flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+            cfg = self.vae.config
+            x0 = (dist.sample(generator=generator) - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        return x0.float()
+
+    def prepare(self, batch: Dict[str, torch.Tensor], generator: torch.Generator,
+                label_lookup: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The batch a recipe's `compute_loss` gets: ``x0`` plus the loader's other fields (tensors on the device,
+        anything else such as caption strings as it is), class labels mapped onto a pretrained model's ids where the
+        data names only some of its classes."""
+        x0 = self.clean_batch(batch, generator)
+        device = self.accelerator.device
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+               if k not in ("pixel_values", "moments")}
+        if label_lookup is not None and "class_labels" in out:
+            out["class_labels"] = label_lookup[out["class_labels"]]
+        out["x0"] = x0
+        return out
+
+
+def images_per_step(config: TrainConfig, num_processes: int) -> int:
+    """Images of one optimizer step over all processes."""
+    o = config.optim
+    return o.train_batch_size * num_processes * o.gradient_accumulation_steps
+
