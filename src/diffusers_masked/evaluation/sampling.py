@@ -24,8 +24,9 @@ def pipeline_conditioning(pipeline: Any) -> str:
     transformer = getattr(pipeline, "transformer", None)
     num_classes = getattr(getattr(transformer, "config", None), "num_classes", None)
     config = getattr(transformer, "config", None)
-    # A pipeline that takes prompts may still hold a class-conditional transformer (DeferredMaskDiT serves both).
-    text_model = config is None or "caption_channels" not in config or config.caption_channels is not None
+    # Every pipeline of ours takes `prompt` now, also around a class-conditional or unconditional transformer, so the
+    # transformer decides: text-conditioned models carry a `caption_channels`; a bare callable is judged by its call.
+    text_model = config is None or getattr(config, "caption_channels", None) is not None
     if "prompt" in params and text_model:
         return "text"
     if "class_labels" in params and num_classes:
