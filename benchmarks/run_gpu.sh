@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# GPU runs of issues 4, 6 and 7 on a lent machine (see benchmarks/README.md). Usage: bash benchmarks/run_gpu.sh STAGE
-# Needs .wheels/ (diffusers, datasets, dill, multiprocess, importlib_metadata; timm for call10) and .data/fashion-mnist/
-# carried along (call10 also third_party/, see benchmarks/official_models.py).
+# GPU runs on a lent machine (results and commands: benchmarks/README.md). Usage: bash benchmarks/run_gpu.sh STAGE [ARG]
+# Needs .wheels/ (diffusers, datasets, dill, multiprocess, importlib_metadata; timm for official_implementations) and
+# .data/fashion-mnist/ carried along (official_implementations also third_party/, see benchmarks/official_models.py;
+# study / tune also .cache_dm/, the FD-FMNIST classifier cache, so that every call scores with the same classifier).
+# Stages are named by what they measure. benchmarks/README.md cites the older ones by call number:
+#   call1 = trainer_demo_and_eager_all, call2 = xl_compiled_deferred_maskdit256_mdt_split,
+#   call3 = xl_profiles_mdt_compiled_b128, ddp = ddp_b2_pixels, call4 = mdt_xl_one_lookup_bias,
+#   call6 = xl_compiled_b32_mdt_joint_sampling, call7 = xl_compiled_deferred_b32_b256,
+#   call8 = xl_mdt_compiled_b32_profiles_b32, call9 = xl_cuda_graphs_b32, call10 = official_implementations,
+#   call11 = b2_compiled_all, call12 = xl_cuda_graphs_mdt_moe_b32, call13 = b2_compiled_b128_trainer_cuda_graphs,
+#   call14 = b2_compiled_deferred_b32_b256, call14b = b2_compiled_moe_b128_mdt_b256,
+#   call15 = b2_b32_modes_and_profiles, call16 = trainer_compile_modes, mdtfix = mdt_xl_eager_split_and_joint;
+#   conv = the issue-12 study (1 min, 28x28; replaced by "study", the old script is in git history) + the resume
+#   check kept as resume_check_1gpu; call5 = that study's DeferredMaskDiT row.
 set -uo pipefail
-STAGE=${1:-call1}
+STAGE=${1:?usage: bash benchmarks/run_gpu.sh STAGE [ARG] (stages: see the case list below)}
+ARG=${2:-}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -19,20 +31,59 @@ LOG=$OUT/log.txt
   python3 -c "import torch, diffusers, datasets, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
 } 2>&1 | tee -a "$LOG"
 FM=".data/fashion-mnist"
+# Progress-bar refreshes and per-file checkpoint lines would flood the log.
+flt() { tr '\r' '\n' | grep -v "it/s\|s/it\|^\s*$\|accelerate.checkpointing\|should be kept in float32"; }
+T_STAGE=$SECONDS
 case "$STAGE" in
-conv)
-  # Issue 12: equal wall-clock convergence study (classifier cache carried in .cache_dm/), then a 1-GPU resume check.
+trainer_overhead)
+  # Issue 23 part 2: every study contender's trainer img/s against the harness step of the same model, batch
+  # (BATCH, default 128), bf16 and compilation, in this one call; rows merge with earlier calls' table.
+  # MODELS=a,b limits the contenders; PROFILE=MODEL adds a torch.profiler run of that trainer; HARNESS_BUDGET (s)
+  # stops starting models. For the study's normalised time run it at the study's batch, trainers only:
+  # BATCH=256 NO_HARNESS=1.
+  timeout 570 python3 benchmarks/trainer_vs_harness.py --out "$OUT/trainer_overhead" --batch_size "${BATCH:-128}" \
+      --fashion_mnist_dir "$FM" --work_dir /tmp/tvh --time_budget_s "${HARNESS_BUDGET:-480}" --call "${CALL:-}" \
+      --merge_from benchmarks/results_h200/trainer_overhead/trainer_vs_harness.json \
+      ${MODELS:+--models "$MODELS"} ${PROFILE:+--profile "$PROFILE"} ${NO_HARNESS:+--no-harness} 2>&1 | flt \
+      | tee -a "$LOG"
+  ;;
+study)
+  # Issue 23 part 1: one contender (ARG: dit, tread_dit, maskdit, deferred_maskdit, mdtv2, mdtv2_ddpm) of the equal
+  # wall-clock study, merged into the committed rows (copy $OUT/study back to benchmarks/results_h200/study/).
+  # STUDY_ARGS adds flags (e.g. "--minutes 4"); the evaluations so far are in $OUT/study even if the call is cut.
+  : "${ARG:?usage: bash benchmarks/run_gpu.sh study MODEL}"
   export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
-  timeout 480 python3 benchmarks/convergence.py --minutes 1.0 --eval_every_minutes 0.33 --eval_num_samples 1000 \
-      --train_batch_size 128 --out "$OUT/conv" --work_dir /tmp/convruns 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|^$" \
-      | grep -v "accelerate.checkpointing\|Saving current state" | tail -n 40 | tee -a "$LOG"
+  ls .cache_dm/fashion_mnist_classifier/*.safetensors >/dev/null 2>&1 || echo "warning: no .cache_dm carried: the FD" \
+      "classifier trains on this CPU first (time off this call) and scores unlike other calls' rows" | tee -a "$LOG"
+  timeout 570 python3 benchmarks/convergence.py --models "$ARG" --out "$OUT/study" --work_dir /tmp/study \
+      --merge_from benchmarks/results_h200/study/convergence.json --fashion_mnist_dir "$FM" --call "${CALL:-}" \
+      --throughput_json benchmarks/results_h200/trainer_overhead/trainer_vs_harness.json ${STUDY_ARGS:-} 2>&1 \
+      | flt | tee -a "$LOG"
+  cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null  # carry it into later calls if it was made here
+  ;;
+tune)
+  # Issue 23: short variants of one recipe (ARG) in one call, e.g. MaskDiT's decoder depth, TREAD's span,
+  # DeferredMaskDiT's patch-mixer depth (defaults in convergence.py CONTENDERS; VARIANTS="label:key=value,... ..."
+  # overrides, TUNE_MINUTES per variant). Rows merge with benchmarks/results_h200/tune/tune.json.
+  : "${ARG:?usage: bash benchmarks/run_gpu.sh tune MODEL}"
+  export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
+  ls .cache_dm/fashion_mnist_classifier/*.safetensors >/dev/null 2>&1 || echo "warning: no .cache_dm carried" \
+      | tee -a "$LOG"
+  mkdir -p "$OUT/tune"; cp benchmarks/results_h200/tune/tune.json "$OUT/tune/" 2>/dev/null
+  timeout 570 python3 benchmarks/convergence.py --tune "$ARG" --out "$OUT/tune" --work_dir /tmp/tune \
+      --merge_from benchmarks/results_h200/study/convergence.json --fashion_mnist_dir "$FM" --call "${CALL:-}" \
+      --tune_minutes "${TUNE_MINUTES:-1}" ${VARIANTS:+--variants $VARIANTS} 2>&1 | flt | tee -a "$LOG"
+  cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null
+  ;;
+resume_check_1gpu)
+  # Issue 12: a 1-GPU stop at step 20 and resume (the stage "conv" also ran the first equal wall-clock study).
   for a in "--stop_after_steps 20" "--resume_from_checkpoint latest"; do
     python3 train_examples/train_maskdit.py --max_train_steps 40 --train_batch_size 256 --mixed_precision bf16 \
         --validation_steps 0 --checkpointing_steps 20 --output_dir /tmp/r --report_to none $a 2>&1 | tail -n 2 | tee -a "$LOG"
   done
   cat /tmp/r/train_results.json | tee -a "$LOG"
   ;;
-call1)
+trainer_demo_and_eager_all)
   echo "== train_maskdit.py, 300 steps, b256, bf16 ==" | tee -a "$LOG"
   timeout 240 python3 train_examples/train_maskdit.py --max_train_steps 300 --train_batch_size 256 \
       --mixed_precision bf16 --validation_steps 0 --output_dir /tmp/fm --fashion_mnist_dir "$FM" --report_to none \
@@ -47,7 +98,7 @@ call1)
       --models dit maskdit --compile_batch_sizes 128 --time_budget_s 150 2>&1 \
       | grep -v "should be kept in float32" | tee -a "$LOG"
   ;;
-call2)
+xl_compiled_deferred_maskdit256_mdt_split)
   B="python3 benchmarks/train_throughput.py --no-explain"
   F="should be kept in float32"
   echo "== compiled XL DeferredMaskDiT dense / MoE at b128 ==" | tee -a "$LOG"
@@ -64,7 +115,7 @@ call2)
       mdt:XL:32:eager deferred:XL:128:eager 2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call3)
+xl_profiles_mdt_compiled_b128)
   B="python3 benchmarks/train_throughput.py --no-explain"
   F="should be kept in float32"
   echo "== profiles + inference ==" | tee -a "$LOG"
@@ -75,7 +126,7 @@ call3)
       --mdt_split_backward 2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-ddp)
+ddp_b2_pixels)
   # MaskDiT B/2 on Fashion-MNIST pixels (28x28x1, 196 tokens), bf16, 200 steps, global batch 256:
   # 1 GPU x 256 vs 2 GPUs x 128; then 2 GPUs stopped at 100 and resumed from the checkpoint.
   COMMON="train_examples/train_maskdit.py --model_config B/2 --fashion_mnist_dir $FM --mixed_precision bf16 \
@@ -116,7 +167,7 @@ print("scaling efficiency", out["scaling_efficiency"])
 PY
   cp /tmp/d2/sample_grid.png "$OUT/ddp_sample_grid.png" 2>/dev/null
   ;;
-call4)
+mdt_xl_one_lookup_bias)
   # Issue 6 follow-up: MDTv2 after the one-lookup relative position bias (eager before/after rows, profile), then
   # compiled MDTv2-XL/2 with the branches back-propagated one after the other (the recipe's --split_branch_backward).
   B="python3 benchmarks/train_throughput.py --no-explain"
@@ -131,15 +182,7 @@ call4)
       --compile_batch_sizes 128 32 --mdt_split_backward --time_budget_s 300 2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call5)
-  # Issue 12: the DeferredMaskDiT row of the equal wall-clock study (same settings as stage conv).
-  export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
-  timeout 260 python3 benchmarks/convergence.py --models deferred_maskdit --minutes 1.0 --eval_every_minutes 0.33 \
-      --eval_num_samples 1000 --train_batch_size 128 --out "$OUT/conv" --work_dir /tmp/convruns 2>&1 \
-      | tr '\r' '\n' | grep -v "it/s\|s/it\|^$" | grep -v "accelerate.checkpointing\|Saving current state" \
-      | tail -n 30 | tee -a "$LOG"
-  ;;
-call6)
+xl_compiled_b32_mdt_joint_sampling)
   # Issue 6, rows still missing (an XL compile takes ~100-200 s): compiled b32 of DiT and MaskDiT, compiled MDTv2 b32
   # with the joint backward, and sampling of MDTv2Pipeline after the attention-bias changes (vs DiTPipeline).
   B="python3 benchmarks/train_throughput.py --no-explain"
@@ -151,7 +194,7 @@ call6)
   timeout 130 $B --out "$OUT/r/inference" --skip_training --inference --models dit mdt 2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call7)
+xl_compiled_deferred_b32_b256)
   # Issue 6, rows still missing: compiled DeferredMaskDiT dense / MoE at b32 and b256 (DiT-XL/2 compiled b256 OOMs,
   # so b256 ratios use DiT's b128 row).
   B="python3 benchmarks/train_throughput.py --no-explain"
@@ -159,7 +202,7 @@ call7)
       --compile_batch_sizes 32 256 --time_budget_s 470 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call8)
+xl_mdt_compiled_b32_profiles_b32)
   # Issue 6, still open after call6: compiled MDTv2 b32 with the joint backward (its compile needs > 170 s), and
   # compiled profiles of MaskDiT and DiT at b32, where MaskDiT ran at 0.91x DiT (why masking does not pay there).
   B="python3 benchmarks/train_throughput.py --no-explain"
@@ -170,7 +213,7 @@ call8)
       2>&1 | grep -v "$F" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call9)
+xl_cuda_graphs_b32)
   # Issue 6: the b32 profiles (call8) show a host-bound compiled MaskDiT step; try CUDA graphs (reduce-overhead).
   B="python3 benchmarks/train_throughput.py --no-explain"
   timeout 540 $B --out "$OUT/r/c_b32_cudagraphs" --modes compile --compile_mode reduce-overhead --sizes XL \
@@ -178,7 +221,7 @@ call9)
       | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call10)
+official_implementations)
   # Issue 6: the official implementations in our harness, side by side (third_party/ carried, timm wheel in .wheels;
   # see benchmarks/official_models.py), and the trainer's --torch_compile_mode on a GPU.
   B="python3 benchmarks/train_throughput.py --no-explain"
@@ -197,13 +240,13 @@ call10)
   done
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call11)
+b2_compiled_all)
   # Issue 6: compiled B/2 rows of every model (the B/2 table has eager rows only).
   timeout 570 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/compile_b2" --modes compile --sizes B \
       --compile_batch_sizes 32 128 256 --time_budget_s 500 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call12)
+xl_cuda_graphs_mdt_moe_b32)
   # Issue 6: CUDA graphs where call9 did not go: MDTv2 and DeferredMaskDiT MoE at b32, MaskDiT at b128.
   B="python3 benchmarks/train_throughput.py --no-explain --modes compile --compile_mode reduce-overhead --sizes XL"
   F="should be kept in float32"
@@ -213,7 +256,7 @@ call12)
       | tee -a "$LOG"
   tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"
   ;;
-call13)
+b2_compiled_b128_trainer_cuda_graphs)
   # Issue 6: what call11's time budget skipped (B/2 compiled, b128), then the trainer's CUDA-graph mode on a GPU with
   # its whole log kept (call10's 100 s timeout cut both trainer runs before they wrote anything).
   timeout 330 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/compile_b2_b128" --modes compile --sizes B \
@@ -227,14 +270,14 @@ call13)
   echo "trainer rc=$?" | tee -a "$LOG"; tail -n 15 "$OUT/trainer_reduce_overhead.log" | tee -a "$LOG"
   cat /tmp/tc/train_results.json 2>/dev/null | tee -a "$LOG"; cp /tmp/tc/sample_grid.png "$OUT"/ 2>/dev/null
   ;;
-call14)
+b2_compiled_deferred_b32_b256)
   # Issue 6: the compiled B/2 rows calls 11 and 13 did not reach (each batch size compiles afresh, 55-105 s at B/2).
   # Results stay as plain files under $OUT/r so that a run cut by the call's limit still brings them back.
   F="should be kept in float32"; B="python3 benchmarks/train_throughput.py --no-explain --modes compile --sizes B"
   timeout 370 $B --out "$OUT/r/compile_b2_deferred" --models deferred deferred_moe --compile_batch_sizes 32 256 \
       --time_budget_s 260 2>&1 | grep -v "$F" | tee -a "$LOG"
   ;;
-call14b)
+b2_compiled_moe_b128_mdt_b256)
   # The rest of call14 (its first run with 95 s / 105 s limits for these two was cut during compilation).
   F="should be kept in float32"; B="python3 benchmarks/train_throughput.py --no-explain --modes compile --sizes B"
   timeout 200 $B --out "$OUT/r/compile_b2_moe128" --models deferred_moe --compile_batch_sizes 128 2>&1 | grep -v "$F" \
@@ -242,7 +285,7 @@ call14b)
   timeout 260 $B --out "$OUT/r/compile_b2_mdt256" --models mdt --compile_batch_sizes 256 2>&1 | grep -v "$F" \
       | tee -a "$LOG"
   ;;
-call15)
+b2_b32_modes_and_profiles)
   # Issue 6: MaskDiT-B/2 compiled b32 (505.9 img/s, call11) ran slower than its eager b32 of an earlier session
   # (615.7): eager and default compile of MaskDiT-B/2 and DiT-B/2 at b32 in one call, MaskDiT with CUDA graphs
   # (launch-bound or not), then profiles of MaskDiT compiled and eager.
@@ -254,7 +297,7 @@ call15)
   timeout 150 python3 benchmarks/train_throughput.py --no-explain --out "$OUT/r/b2_profile" --skip_training \
       --profile maskdit:B:32:compile maskdit:B:32:eager 2>&1 | grep -v "$F" | tee -a "$LOG"
   ;;
-call16)
+trainer_compile_modes)
   # Issue 6: the trainer's compile modes on a GPU after the graph-break and sampling fixes (call13: first step 101 s,
   # the final grid compiled the model again), full logs kept; --unmasked_finetune_steps 0 keeps one shape.
   for m in "--torch_compile" "--torch_compile_mode reduce-overhead" ""; do
@@ -267,7 +310,7 @@ call16)
         | tee -a "$LOG"; cat /tmp/tc/train_results.json 2>/dev/null | tee -a "$LOG"
   done
   ;;
-mdtfix)
+mdt_xl_eager_split_and_joint)
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix" --modes eager --sizes XL --models mdt \
       --batch_sizes 32 128 --mdt_split_backward --profile mdt:XL:32:eager 2>&1 | grep -v "float32" | tee -a "$LOG"
   python3 benchmarks/train_throughput.py --no-explain --out "$OUT/mdtfix2" --modes eager --sizes XL --models mdt \
@@ -445,5 +488,9 @@ tread)
       --sizes ${SIZES:-XL B} --models dit ours_dit tread_dit --compile_batch_sizes 128 256 \
       --time_budget_s ${BUDGET:-470} 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
   ;;
+*)
+  echo "unknown stage $STAGE" | tee -a "$LOG"; exit 2
+  ;;
 esac
+echo "== stage $STAGE${ARG:+ $ARG}: wall $((SECONDS - T_STAGE)) s" | tee -a "$LOG"
 ls -la "$OUT" "$OUT"/* | tee -a "$LOG"
