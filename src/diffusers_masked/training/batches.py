@@ -22,8 +22,10 @@ from ..data import (
     load_image_dataset,
     sample_latents,
 )
+from ..data.text_cache import CaptionedImageDataset
 from .config import TrainConfig
 from .context import DataInfo
+from .text import TextData, load_text_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,12 @@ def load_vae(path: str, device: torch.device):
     return vae
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a loader tensor to the device. The loader pins its batches (fresh buffers per batch), and a blocking copy
+    from pinned memory waits for the GPU to finish the previous step, so the host could not queue the next one."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
 class TrainingData:
     """The data set, its geometry and labels (`info`), the VAE (or None), and the loader of loader batches.
 
@@ -76,22 +84,24 @@ class TrainingData:
         accelerator: Gives the device and this process's share of each global batch.
     """
 
-    def __init__(self, config: TrainConfig, accelerator: Any):
+    def __init__(self, config: TrainConfig, accelerator: Any, dataset: Any = None):
         d = config.data
         self.config, self.accelerator = d, accelerator
-        ds = load_image_dataset(
-            dataset_name=d.dataset_name, dataset_config_name=d.dataset_config_name, train_data_dir=d.train_data_dir,
-            fashion_mnist_dir=d.fashion_mnist_dir, image_column=d.image_column, label_column=d.label_column,
-            max_train_samples=d.max_train_samples)
+        ds, scenes, label_column = self._load(config, dataset)
         channels, size = infer_image_geometry(ds, d.image_column)
         resolution = d.resolution or size
-        names = class_names(ds, d.label_column)
-        if names is None and d.uses_default_data:
+        names = class_names(ds, label_column) if label_column else None
+        if names is None and d.uses_default_data and label_column:
             names = list(FASHION_MNIST_CLASSES)
-        self.image_dataset = ImageClassDataset(ds, d.image_column, d.label_column, resolution, channels)
+        self.image_dataset = ImageClassDataset(ds, d.image_column, label_column, resolution, channels)
         self.vae = load_vae(d.vae_path, accelerator.device) if d.vae_path else None
         sample_size, model_channels = self._model_geometry(resolution, channels)
         self.dataset = self._training_dataset(ds, resolution, Path(config.output_dir))
+        self.text: Optional[TextData] = None
+        if config.text.captioned:
+            self.text = TextData(config, accelerator, ds, scenes)
+            # Rows of a latent cache with flipped copies map back to their image (row % number of images).
+            self.dataset = CaptionedImageDataset(self.dataset, self.text.cache, return_text=False)
         self.info = DataInfo(resolution=resolution, sample_size=sample_size, channels=model_channels,
                              pixel_channels=channels, class_names=names,
                              id2label=dict(enumerate(names)) if names else None, num_samples=len(self.dataset))
@@ -99,6 +109,27 @@ class TrainingData:
                                          accelerator.num_processes, accelerator.process_index, config.seed)
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_batch,
                                  num_workers=d.dataloader_num_workers, pin_memory=torch.cuda.is_available())
+
+    def _load(self, config: TrainConfig, dataset: Any):
+        """``(datasets.Dataset, scene root or None, label column or None)``: captioned data for a text run (the
+        scenes by default), else the labelled data (Fashion-MNIST by default)."""
+        d = config.data
+        if config.text.captioned:
+            ds, scenes = load_text_dataset(config, self.accelerator, dataset)
+            return ds, scenes, None
+        if dataset is not None:
+            ds = dataset.select(range(min(d.max_train_samples, len(dataset)))) if d.max_train_samples else dataset
+            return ds, None, d.label_column
+        ds = load_image_dataset(
+            dataset_name=d.dataset_name, dataset_config_name=d.dataset_config_name, train_data_dir=d.train_data_dir,
+            fashion_mnist_dir=d.fashion_mnist_dir, image_column=d.image_column, label_column=d.label_column,
+            max_train_samples=d.max_train_samples)
+        return ds, None, d.label_column
+
+    @property
+    def text_info(self):
+        """What recipes see of the text side (`text.TextInfo`), or None for a class-conditional run."""
+        return self.text.info if self.text is not None else None
 
     def _model_geometry(self, resolution: int, channels: int):
         """(sample_size, channels) of the model input: the images', or the VAE latents'."""
@@ -155,9 +186,9 @@ class TrainingData:
         if "moments" in batch:
             cfg = self.vae.config
             shift = getattr(cfg, "shift_factor", None) or 0.0
-            x0 = sample_latents(batch["moments"].to(device), cfg.scaling_factor, shift, generator)
+            x0 = sample_latents(to_device(batch["moments"], device), cfg.scaling_factor, shift, generator)
             return x0.float()
-        x = batch["pixel_values"].to(device)
+        x = to_device(batch["pixel_values"], device)
         if self.config.random_flip:
             flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -170,13 +201,17 @@ class TrainingData:
         return x0.float()
 
     def prepare(self, batch: Dict[str, torch.Tensor], generator: torch.Generator,
-                label_lookup: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                label_lookup: Optional[torch.Tensor] = None, step: int = 0) -> Dict[str, torch.Tensor]:
         """The batch a recipe's `compute_loss` gets: ``x0`` plus the loader's other fields (tensors on the device,
         anything else such as caption strings as it is), class labels mapped onto a pretrained model's ids where the
-        data names only some of its classes."""
+        data names only some of its classes; for captioned data one cached caption embedding per image
+        (``encoder_hidden_states``, ``encoder_attention_mask``) instead of labels."""
         x0 = self.clean_batch(batch, generator)
         device = self.accelerator.device
-        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        if self.text is not None:
+            batch = {k: v for k, v in batch.items() if k != "class_labels"}
+            batch.update(self.text.lookup(batch["image_index"], step, device))
+        out = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                if k not in ("pixel_values", "moments")}
         if label_lookup is not None and "class_labels" in out:
             out["class_labels"] = label_lookup[out["class_labels"]]

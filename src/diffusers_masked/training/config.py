@@ -40,6 +40,35 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """Text-to-image settings (``text`` flags of the recipes that take captions: MaskDiT, MDTv2, DeferredMaskDiT).
+
+    ``conditioning`` is resolved by `cli.parse_args`: an explicit ``--caption_column`` without ``--conditioning``
+    means text. With text conditioning the data is captioned (``caption_source`` "captions": a caption column of the
+    data set, by default the embedded Fashion-MNIST scenes) or, for DeferredMaskDiT's old mode, captions made from
+    class names (``caption_source`` "class_names").
+    """
+
+    conditioning: str = "class"
+    caption_source: str = "captions"
+    caption_column: str = "text"
+    caption_dropout_prob: Optional[float] = None
+    text_encoder_path: Optional[str] = None
+    max_sequence_length: int = 77
+    text_cache_dir: Optional[str] = None
+    scenes_dir: Optional[str] = None
+
+    @property
+    def uses_text(self) -> bool:
+        return self.conditioning == "text"
+
+    @property
+    def captioned(self) -> bool:
+        """Whether the data set's captions are read (and cached as embeddings), not class names."""
+        return self.uses_text and self.caption_source == "captions"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which transformer is trained, on which objective and how (``model and objective`` flags)."""
 
@@ -159,6 +188,7 @@ class TrainConfig:
     output_dir: str = "output"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -185,7 +215,7 @@ class TrainConfig:
 
 #: Sections of `TrainConfig` filled from flags, by attribute name.
 SECTIONS: Dict[str, Type[Any]] = {
-    "data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "distributed": DistributedConfig,
+    "data": DataConfig, "text": TextConfig, "model": ModelConfig, "optim": OptimConfig, "distributed": DistributedConfig,
     "checkpoint": CheckpointConfig, "validation": ValidationConfig, "logging": LoggingConfig, "hub": HubConfig,
 }
 

@@ -79,6 +79,8 @@ class TrainContext:
             and the backward of the loss the recipe returns syncs them. None where the setup cannot (DeepSpeed
             steps inside backward, FSDP's no_sync keeps unsharded gradients) and in unit tests.
         vae: The frozen VAE of a latent-space run, else None.
+        text: The text side of a text-to-image run on captioned data (`text.TextInfo`: encoder, caption width,
+            validation / evaluation prompts), else None.
     """
 
     config: TrainConfig
@@ -91,6 +93,7 @@ class TrainContext:
     step: int = 0
     backward_part: Optional[BackwardPart] = None
     vae: Any = None
+    text: Any = None
 
     @property
     def class_names(self) -> Optional[List[str]]:

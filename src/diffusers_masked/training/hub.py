@@ -9,8 +9,8 @@ from typing import Any, Dict
 from .config import HubConfig
 from .context import TrainContext
 
-#: Files that stay local: resumable checkpoints, logs and the latent cache are not part of the published pipeline.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "latent_cache/*", "samples/*"]
+#: Files that stay local: resumable checkpoints, logs, the latent / text caches are not part of the published pipeline.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "latent_cache/*", "text_cache/*", "samples/*"]
 
 
 def card_template_path(name: str) -> Path:
@@ -37,7 +37,7 @@ def card_fields(recipe: Any, ctx: TrainContext, metrics: Dict[str, Any]) -> Dict
     """The template fields of the run's card: settings from the config, results from ``metrics``."""
     cfg, model = ctx.config, ctx.model
     m, o = cfg.model, cfg.optim
-    return dict(
+    fields = dict(
         repo_id=cfg.hub.hub_model_id or Path(cfg.output_dir).name,
         model_class=type(model).__name__,
         pipeline_class=recipe.pipeline_cls.__name__,
@@ -63,8 +63,24 @@ def card_fields(recipe: Any, ctx: TrainContext, metrics: Dict[str, Any]) -> Dict
         images_per_s=f"{metrics.get('images_per_s', 0):.1f}",
         class_names=", ".join(ctx.class_names or []) or "unconditional",
         metrics="\n".join(f"- {k}: {v}" for k, v in metrics.items()),
-        **recipe.card_fields(ctx),
     )
+    fields.update(_text_fields(ctx))
+    if ctx.text is not None:
+        fields["dataset"] = ctx.text.dataset_name
+    fields.update(recipe.card_fields(ctx))
+    return fields
+
+
+def _text_fields(ctx: TrainContext) -> Dict[str, Any]:
+    """``conditioning`` (text / class / unconditional), ``text_encoder`` and ``example_prompt`` of the card."""
+    config, text = ctx.model.config, ctx.text
+    if config.get("caption_channels") is not None:
+        conditioning = "text"
+    else:
+        conditioning = "class" if config.get("num_classes") else "unconditional"
+    prompts = text.validation_prompts if text is not None else []
+    return dict(conditioning=conditioning, text_encoder=text.encoder_name if text is not None else "none",
+                example_prompt=prompts[0] if prompts else "a bag at top left and a sneaker at bottom right")
 
 
 def write_model_card(recipe: Any, ctx: TrainContext, metrics: Dict[str, Any]) -> Path:

@@ -42,6 +42,7 @@ def build_transformer(recipe: TrainingRecipe, ctx: TrainContext) -> Tuple[torch.
                 f"The pretrained transformer takes {cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size} inputs "
                 f"but the data gives {data.channels}x{data.sample_size}x{data.sample_size}."
             )
+        check_pretrained_conditioning(cfg, ctx)
         lookup = map_labels_to_pretrained(data, Path(m.pretrained_model_name_or_path), cfg.num_classes, ctx.device)
     else:
         model = recipe.build_model(ctx)
@@ -57,6 +58,23 @@ def build_transformer(recipe: TrainingRecipe, ctx: TrainContext) -> Tuple[torch.
                                      target_modules=targets))
     model.train()
     return model, lookup
+
+
+def check_pretrained_conditioning(model_config: Any, ctx: TrainContext) -> None:
+    """A pretrained transformer must take the run's conditioning: captions of the encoder's width for a text run on
+    captioned data, no captions for a class run."""
+    width = model_config.get("caption_channels")
+    source = ctx.config.model.pretrained_model_name_or_path
+    if ctx.text is not None and width != ctx.text.width:
+        kind = "class-conditional (no caption_channels)" if width is None else f"text-conditioned on {width}-d captions"
+        raise ValueError(
+            f"The pretrained transformer of {source} is {kind}, but this run's text encoder gives {ctx.text.width}-d "
+            "caption embeddings: pass the --text_encoder_path it was trained with, or --conditioning class for a "
+            "class-conditional model.")
+    if not ctx.config.text.uses_text and width is not None:
+        raise ValueError(
+            f"The pretrained transformer of {source} is text-conditioned (caption_channels={width}), but this run "
+            "trains on class labels: pass --conditioning text (and its captioned data).")
 
 
 def map_labels_to_pretrained(data: DataInfo, pretrained: Path, num_classes: Optional[int],

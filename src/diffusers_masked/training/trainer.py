@@ -84,10 +84,10 @@ class Trainer:
     step calls: DDP- / compile-wrapped), ``ema``, ``optimizer``, ``lr_scheduler``, ``state``, ``checkpoints``.
     """
 
-    def __init__(self, recipe: TrainingRecipe, config: TrainConfig):
+    def __init__(self, recipe: TrainingRecipe, config: TrainConfig, dataset: Any = None):
         from accelerate.utils import DistributedType, set_seed
 
-        self.recipe = recipe
+        self.recipe, self.dataset = recipe, dataset
         self.output_dir = Path(config.output_dir)
         self.accelerator = _make_accelerator(config)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -119,8 +119,8 @@ class Trainer:
         self.state = TrainState(generator)
         self.ctx = TrainContext(config=config, device=acc.device, accelerator=acc, generator=generator,
                                 backward_part=self._backward_part if self._can_backward_part() else None)
-        self.data = TrainingData(config, acc)
-        self.ctx.data, self.ctx.vae = self.data.info, self.data.vae
+        self.data = TrainingData(config, acc, self.dataset)
+        self.ctx.data, self.ctx.vae, self.ctx.text = self.data.info, self.data.vae, self.data.text_info
         recipe.setup(self.ctx)
         self.ctx.objective = recipe.build_objective(self.ctx)
         self._build_model()
@@ -206,8 +206,8 @@ class Trainer:
         for batch in batches:
             with acc.accumulate(self.model):
                 ctx.step = state.global_step
-                output = recipe.compute_loss(self.model, self.data.prepare(batch, ctx.generator, self.label_lookup),
-                                             ctx)
+                batch = self.data.prepare(batch, ctx.generator, self.label_lookup, ctx.step)
+                output = recipe.compute_loss(self.model, batch, ctx)
                 acc.backward(output.for_backward())
                 if acc.sync_gradients and max_grad_norm:
                     acc.clip_grad_norm_(self.model.parameters(), max_grad_norm)
@@ -305,6 +305,9 @@ class Trainer:
         self.accelerator.free_memory()
 
 
-def main(recipe: TrainingRecipe, argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Entry point of the train_examples scripts: flags -> `TrainConfig` (once, here) -> `Trainer.run`."""
-    return Trainer(recipe, parse_args(recipe, argv)).run()
+def main(recipe: TrainingRecipe, argv: Optional[List[str]] = None, dataset: Any = None) -> Dict[str, Any]:
+    """Entry point of the train_examples scripts: flags -> `TrainConfig` (once, here) -> `Trainer.run`.
+
+    ``dataset``: an in-memory `datasets.Dataset` to train on instead of --dataset_name / --train_data_dir (its
+    --image_column and --caption_column / --label_column are read as for a loaded one)."""
+    return Trainer(recipe, parse_args(recipe, argv), dataset).run()
