@@ -57,7 +57,8 @@ def relative_position_biases(
         One contiguous bias per table, (B, heads, K, K) with ``ids_keep`` else (1, heads, N, N).
 
     Why one lookup: the backward of a table lookup accumulates duplicate indices serially per table row, so looking
-    every block up separately with a per-sample (B, K, K) index was ~15% of an MDTv2-XL/2 training step. Here the
+    every block up separately with a per-sample (B, K, K) index is slow (its backward accumulates thousands of
+    duplicate indices per table row; benchmarks/README.md has the profile). Here the
     tables are concatenated (one wide lookup instead of one per block), looked up with the static (N, N) index
     (each table row is used ~N*N/(2G-1)**2 times), and the kept rows/columns are then taken per sample from that
     (N, N) bias, whose backward has only ~B*(K/N)**2 duplicates per entry.
@@ -65,9 +66,9 @@ def relative_position_biases(
     Why `F.embedding` and not advanced indexing: indexing's backward is ``index_put_(accumulate=True)``, which on CPU
     adds with float atomics across threads once a lookup has >= 32768 elements, so two identical CPU training runs
     drifted apart (~3e-7 relative in the tables' gradients). Embedding's backward accumulates every table row in
-    index order on CPU and CUDA (bit-identical runs, and not slower: on an H200 the eager XL/2 lookup forward +
-    backward went from 28.6 to 25.5 ms at batch 128, compiled unchanged). Compiled graphs lower either backward to
-    atomic scatter-adds (both measured non-reproducible on the H200), so bit-exact runs need eager mode.
+    index order on CPU and CUDA, so identical runs are bit-identical (and no slower; timings in benchmarks/README.md).
+    Compiled graphs lower either backward to atomic scatter-adds, which are not reproducible on the GPU, so bit-exact
+    runs need eager mode.
     """
     heads = tables[0].shape[1]
     table = torch.cat(list(tables), dim=1) if len(tables) > 1 else tables[0]  # (T, L*heads)
