@@ -68,6 +68,30 @@ def get_feature_spec(
     return _SPECS[key]
 
 
+def software_versions() -> Dict[str, str]:
+    """torch, python and (when installed) diffusers versions, recorded with every evaluation's settings."""
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import diffusers
+
+        versions["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+def timings_record(t_reference: float, t_generate: float, t_score: float, t_start: float,
+                   num_samples: int) -> Dict[str, float]:
+    """The ``timings`` block of an evaluation result (seconds; ``t_start`` is a `time.perf_counter` stamp)."""
+    return {
+        "reference_seconds": round(t_reference, 3),
+        "generation_seconds": round(t_generate, 3),
+        "scoring_seconds": round(t_score, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "images_per_second": round(num_samples / max(t_generate, 1e-9), 3),
+    }
+
+
 def _default(params: Dict[str, Any], name: str, value: Any) -> Any:
     if value is not None:
         return value
@@ -249,27 +273,14 @@ def evaluate_pipeline(
         "image_shape": list(fd.image_shape),
         "device": str(device),
         "dtype": str(getattr(transformer, "dtype", None)),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **software_versions(),
     }
-    try:
-        import diffusers
-
-        settings["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover
-        pass
     return {
         "metrics": metrics,
         "settings": settings,
         "feature_extractor": spec.describe(),
         "reference": ref_desc,
-        "timings": {
-            "reference_seconds": round(t_reference, 3),
-            "generation_seconds": round(t_generate, 3),
-            "scoring_seconds": round(t_features, 3),
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-            "images_per_second": round(num_samples / max(t_generate, 1e-9), 3),
-        },
+        "timings": timings_record(t_reference, t_generate, t_features, t_start, num_samples),
     }
 
 

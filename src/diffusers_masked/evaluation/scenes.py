@@ -39,7 +39,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -418,7 +417,7 @@ def evaluate_scenes(
         ``{"metrics": {"scene_score", "item_accuracy", "empty_accuracy", "exact_match", "fd", "fd_name",
         "fd_cells", ...}, "settings", "classifier", "feature_extractor", "reference", "timings"}``; JSON-serialisable.
     """
-    from .evaluator import _default, _save_pngs, get_feature_spec
+    from .evaluator import _default, _save_pngs, get_feature_spec, software_versions, timings_record
 
     t_start = time.perf_counter()
     prompts = list(prompts)
@@ -563,26 +562,13 @@ def evaluate_scenes(
         "ink_level": ink_level,
         "image_shape": list(image_shape) if image_shape is not None else None,
         "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **software_versions(),
     }
-    try:
-        import diffusers
-
-        settings["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover
-        pass
     return {
         "metrics": metrics,
         "settings": settings,
         "classifier": clf_info,
         "feature_extractor": spec.describe(),
         "reference": {**ref_desc, "cells": cell_desc} if reference is not None else None,
-        "timings": {
-            "reference_seconds": round(t_reference, 3),
-            "generation_seconds": round(t_generate, 3),
-            "scoring_seconds": round(t_score, 3),
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-            "images_per_second": round(num_samples / max(t_generate, 1e-9), 3),
-        },
+        "timings": timings_record(t_reference, t_generate, t_score, t_start, num_samples),
     }
