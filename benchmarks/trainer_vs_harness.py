@@ -33,7 +33,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -494,20 +493,6 @@ def markdown(data: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> Dict[str, Any]:
-    import torch
-
-    try:
-        import diffusers
-
-        dv = diffusers.__version__
-    except ImportError:
-        dv = None
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
-    return {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": dv,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
 def load_merged(paths: Sequence[Path]) -> Dict[str, Any]:
     """Rows of earlier calls (the first existing file of ``paths``), to add this call's rows to."""
     for path in paths:
@@ -586,7 +571,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     work = Path(args.work_dir or "/tmp/trainer_vs_harness")
     work.mkdir(parents=True, exist_ok=True)
     data = load_merged([Path(args.merge_from)] if args.merge_from else [out / "trainer_vs_harness.json"])
-    data["env"] = environment()
+    data["env"] = convergence.environment()
     data.setdefault("rows", {})
     notes = set(data.get("notes") or [])
     notes.add("MDTv2's harness row runs its masked branch at the fixed mean ratio 0.4 (the trainer draws one of 4 "
