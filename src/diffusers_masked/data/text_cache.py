@@ -456,6 +456,11 @@ class TextEmbeddingCache:
             self._captions = json.loads((self.cache_dir / _CAPTIONS).read_text())
         return [self._captions[int(i)] for i in torch.as_tensor(caption_indices).reshape(-1).tolist()]
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the embeddings are stored in: gather in it and cast on the device to move the fewest bytes."""
+        return self._torch_dtype
+
     def gather(self, caption_indices: Union[Sequence[int], torch.Tensor],
                dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(embeddings (B, L, width) in dtype, mask (B, L) int64)`` of flat caption rows (one memmap gather)."""

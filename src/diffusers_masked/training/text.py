@@ -193,7 +193,8 @@ class TextData:
     def lookup(self, image_index: torch.Tensor, step: int, device: torch.device) -> Dict[str, torch.Tensor]:
         """One random caption per image of the batch (a memory-mapped gather on the host, then one copy to the
         device); dropout is the recipe's (with the run's generator)."""
-        text = self.cache.lookup(image_index.cpu(), self._generator(step), 0.0)
+        # Gathered in the storage dtype and widened on the device: half the host work and copy of float32.
+        text = self.cache.lookup(image_index.cpu(), self._generator(step), 0.0, dtype=self.cache.storage_dtype)
         non_blocking = device.type == "cuda"
-        return {"encoder_hidden_states": text["encoder_hidden_states"].to(device, non_blocking=non_blocking),
+        return {"encoder_hidden_states": text["encoder_hidden_states"].to(device, non_blocking=non_blocking).float(),
                 "encoder_attention_mask": text["encoder_attention_mask"].to(device, non_blocking=non_blocking)}
