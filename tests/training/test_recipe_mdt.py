@@ -102,16 +102,28 @@ def test_loss_has_both_branches_with_shared_t_and_independent_noise():
 def test_mask_ratio_drawn_per_batch_in_range():
     recipe = MDTv2Recipe()
     gen = torch.Generator().manual_seed(0)
-    ratios = [recipe.mask_ratio(context(mask_ratio_levels=0, generator=gen)) for _ in range(200)]
+    ratios = [recipe.mask_ratio(context(mask_ratio_levels=0, step=s, generator=gen)) for s in range(100)]
     assert all(0.3 <= r < 0.5 for r in ratios)
     assert min(ratios) < 0.32 and max(ratios) > 0.48
-    levels = {round(recipe.mask_ratio(context(mask_ratio_levels=4, generator=gen)), 6) for _ in range(200)}
+    levels = {round(recipe.mask_ratio(context(mask_ratio_levels=4, step=s, generator=gen)), 6) for s in range(100)}
     assert levels == {0.325, 0.375, 0.425, 0.475}  # bin centres: few compiled shapes, same mean
     assert recipe.mask_ratio(context(mask_ratio=0.3, generator=gen)) == 0.3  # v1: fixed
     assert recipe.mask_ratio(context(no_masked_branch=True, generator=gen)) == 0.0
     assert recipe.mask_ratio(context(unmasked_finetune_steps=10, step=95, generator=gen)) == 0.0
     with pytest.raises(ValueError):
         recipe.mask_ratio(context(mask_ratio_range=[0.5, 0.3], generator=gen))
+
+
+def test_mask_ratio_is_a_host_draw_keyed_by_step():
+    # The ratio is a shape, so it is read on the host: drawing it from the run's (CUDA) generator would make every
+    # step wait for the GPU. Keyed by (seed, step) it leaves the run's generator alone and repeats on resume.
+    recipe = MDTv2Recipe()
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    first = [recipe.mask_ratio(context(mask_ratio_levels=0, step=s, generator=gen)) for s in range(5)]
+    assert torch.equal(gen.get_state(), state)
+    assert first == [recipe.mask_ratio(context(mask_ratio_levels=0, step=s)) for s in range(5)]
+    assert len(set(first)) == 5
 
 
 def test_min_snr_weight():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -317,10 +318,11 @@ class MDTv2Recipe(TrainingRecipe):
         low, high = c.mask_ratio_range
         if not 0.0 <= low <= high < 1.0:
             raise ValueError(f"--mask_ratio_range must satisfy 0 <= LOW <= HIGH < 1, got {low} {high}.")
-        generator = ctx.generator
-        device = generator.device if generator is not None else "cpu"
-        # The ratio fixes the number of kept tokens (a shape), so it is a Python number: one host read per step.
-        u = torch.rand((), generator=generator, device=device).item()
+        # The ratio fixes the number of kept tokens (a shape), so it must be a Python number. Reading it from the
+        # run's (device) generator would wait for the GPU every step; a host RNG keyed by (seed, process, step) costs
+        # nothing and resumes exactly, since it carries no state of its own.
+        rank = ctx.accelerator.process_index if ctx.accelerator is not None else 0
+        u = random.Random(f"mdtv2-mask-ratio:{ctx.config.seed}:{rank}:{ctx.step}").random()
         if c.mask_ratio_levels:
             # A few fixed ratios (bin centres, same mean as the uniform draw) keep the number of kept-token shapes
             # small, so torch.compile builds a handful of graphs instead of one per ratio.
