@@ -65,6 +65,15 @@ def set_ids_keep_value_checks(mode: str) -> None:
     _IDS_KEEP_VALUE_CHECKS = mode
 
 
+def in_device_training_step(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` takes part in a training step on an accelerator: it is not on the CPU and autograd is on.
+
+    The models skip their checks that read values back to the host there by default (`check_ids_keep`'s value checks,
+    the class-id range check), since each would be a device sync in every training step. The one place that decides
+    it, so a CPU test can run the steps as a GPU would (tests/training/test_step_host_syncs.py)."""
+    return tensor.device.type != "cpu" and torch.is_grad_enabled()
+
+
 def _run_value_checks(ids_keep: torch.Tensor, check_values: Optional[bool]) -> bool:
     if torch.compiler.is_compiling():
         return False
@@ -72,7 +81,7 @@ def _run_value_checks(ids_keep: torch.Tensor, check_values: Optional[bool]) -> b
         return check_values
     if _IDS_KEEP_VALUE_CHECKS != "auto":
         return _IDS_KEEP_VALUE_CHECKS == "always"
-    return not (ids_keep.device.type != "cpu" and torch.is_grad_enabled())
+    return not in_device_training_step(ids_keep)
 
 
 def check_ids_keep(

@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 from diffusers.utils import BaseOutput
 
+from . import masking
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,9 +99,9 @@ def check_class_labels(model: Any, class_labels: Optional[torch.Tensor], batch_s
             f"class_labels must be an integer tensor of shape ({batch_size},), got {tuple(class_labels.shape)} "
             f"{class_labels.dtype}."
         )
-    if not _is_compiling() and not (class_labels.is_cuda and torch.is_grad_enabled()):
-        # One small host sync per call. Skipped inside torch.compile and in GPU training steps (labels there come
-        # from the trainer's checked data), so those stay free of device syncs.
+    if not _is_compiling() and not masking.in_device_training_step(class_labels):
+        # One small host sync per call. Skipped inside torch.compile and in training steps on an accelerator (labels
+        # there come from the trainer's checked data), so those stay free of device syncs.
         lo, hi = int(class_labels.min()), int(class_labels.max())
         if lo < 0 or hi > num_classes:
             raise ValueError(

@@ -91,8 +91,9 @@ def relative_position_biases(
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention runs in: the autocast dtype when autocast is on, else ``x``'s dtype."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype attention runs in: the autocast dtype when autocast is on, else ``x``'s dtype (also on a device
+    without autocast, e.g. ``meta``)."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -24,7 +24,7 @@ import torch
 from ..models.transformer_deferred_maskdit import DeferredMaskDiTTransformer2DModel
 from ..pipelines.pipeline_deferred_maskdit import DeferredMaskDiTPipeline, encode_texts
 from .config import TrainConfig
-from .context import LossOutput, TrainContext
+from .context import LogValue, LossOutput, TrainContext
 from .objectives import Objective, masked_mean, per_token
 from .recipe import (
     EDMConfig,
@@ -65,7 +65,7 @@ def deferred_maskdit_loss(
     generator: Optional[torch.Generator] = None,
     route_ratio: float = 0.0,
     bare: Optional[torch.nn.Module] = None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> Tuple[torch.Tensor, Dict[str, LogValue]]:
     """One step's loss: the objective's weighted error, per patch, averaged over the kept tokens of each sample.
 
     ``route_ratio > 0`` adds TREAD routing inside the backbone, among the kept tokens (the loss is unchanged).
@@ -83,7 +83,7 @@ def deferred_maskdit_loss(
         loss = masked_mean(per_token(per_element, bare.config.patch_size), ~out.mask)
         kept = (~out.mask).float().mean()
     loss = loss.mean()
-    return loss, {"dsm": loss.detach(), "kept_tokens": torch.as_tensor(kept)}
+    return loss, {"dsm": loss.detach(), "kept_tokens": kept}
 
 
 @dataclass(frozen=True)

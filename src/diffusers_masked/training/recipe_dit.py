@@ -12,7 +12,7 @@ from ..models.masking import DEFAULT_ROUTE_RATIO, random_route_ids
 from ..models.transformer_dit import RoutedDiTTransformer2DModel
 from ..pipelines.pipeline_dit import RoutedDiTPipeline
 from .config import TrainConfig
-from .context import LossOutput, TrainContext
+from .context import LogValue, LossOutput, TrainContext
 from .objectives import Objective
 from .recipe import EDMConfig, TrainingRecipe, UsageError, add_edm_arguments, edm_objective, route_overrides
 
@@ -25,7 +25,7 @@ def routed_dit_loss(
     route_ratio: float,
     generator: Optional[torch.Generator] = None,
     bare: Optional[torch.nn.Module] = None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> Tuple[torch.Tensor, Dict[str, LogValue]]:
     """Loss of one (routed) DiT step: the objective's denoising loss over every pixel / latent cell.
 
     The route (ids of the tokens that go through the span) is drawn here and passed as ``route_ids``, not drawn by
@@ -37,7 +37,7 @@ def routed_dit_loss(
     out = model(noisy.model_input, noisy.timestep, route_ids=route_ids, **cond)
     prediction = out.sample[:, : x0.shape[1]]
     loss = objective.per_element_loss(prediction, noisy, x0).flatten(1).mean(dim=1).mean()
-    return loss, {"route_ratio": torch.tensor(float(route_ratio))}
+    return loss, {"route_ratio": float(route_ratio)}
 
 
 @dataclass(frozen=True)

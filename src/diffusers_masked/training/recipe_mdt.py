@@ -81,20 +81,34 @@ class LearnedVarianceVLB:
         self.coef_x0 = (betas * prev.sqrt() / (1 - alphas_cumprod)).float()
         self.coef_xt = ((1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod)).float()
         self.objective = objective
+        self._on_device: Dict[torch.device, Dict[str, torch.Tensor]] = {}
 
-    def _at(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return table.to(t.device)[t].view(-1, 1, 1, 1)
+    _TABLES = ("coef_x0", "coef_xt", "post_log_var", "log_betas")
+
+    def _tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The tables on ``device``, copied there once: a host-to-device copy per table and call (six per branch,
+        every step) is a blocking transfer that waits for the GPU each time."""
+        tables = self._on_device.get(device)
+        if tables is None:
+            tables = self._on_device[device] = {name: getattr(self, name).to(device) for name in self._TABLES}
+        return tables
+
+    @staticmethod
+    def _at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return table[t].view(-1, 1, 1, 1)
 
     def __call__(self, eps: torch.Tensor, var_values: torch.Tensor, batch: NoisyBatch, x0: torch.Tensor) -> torch.Tensor:
         """Per-sample VLB (B,) in bits/dim; gradients reach only ``var_values`` (the mean is detached)."""
         t = batch.level
+        tab = self._tables(t.device)
+        coef_x0, coef_xt = self._at(tab["coef_x0"], t), self._at(tab["coef_xt"], t)
         x_t, x0 = batch.noisy.float(), x0.float()
-        true_mean = self._at(self.coef_x0, t) * x0 + self._at(self.coef_xt, t) * x_t
-        true_log_var = self._at(self.post_log_var, t)
+        true_mean = coef_x0 * x0 + coef_xt * x_t
+        true_log_var = self._at(tab["post_log_var"], t)
         x0_hat = self.objective.predict_x0(eps.detach(), batch)
-        model_mean = self._at(self.coef_x0, t) * x0_hat + self._at(self.coef_xt, t) * x_t
+        model_mean = coef_x0 * x0_hat + coef_xt * x_t
         frac = (var_values.float() + 1) / 2
-        model_log_var = frac * self._at(self.log_betas, t) + (1 - frac) * true_log_var
+        model_log_var = frac * self._at(tab["log_betas"], t) + (1 - frac) * true_log_var
         kl = _gaussian_kl(true_mean, true_log_var, model_mean, model_log_var).flatten(1).mean(1)
         nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).flatten(1).mean(1)
         return torch.where(t == 0, nll, kl) / math.log(2.0)
