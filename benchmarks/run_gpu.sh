@@ -53,13 +53,15 @@ study)
   # STUDY_ARGS adds flags (e.g. "--minutes 4"); the evaluations so far are in $OUT/study even if the call is cut.
   : "${ARG:?usage: bash benchmarks/run_gpu.sh study MODEL}"
   export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
-  ls .cache_dm/fashion_mnist_classifier/*.safetensors >/dev/null 2>&1 || echo "warning: no .cache_dm carried: the FD" \
+  CARRIED_CACHE=$(ls .cache_dm/fashion_mnist_classifier/*.safetensors 2>/dev/null)
+  [ -n "$CARRIED_CACHE" ] || echo "warning: no .cache_dm carried: the FD" \
       "classifier trains on this CPU first (time off this call) and scores unlike other calls' rows" | tee -a "$LOG"
   timeout 570 python3 benchmarks/convergence.py --models "$ARG" --out "$OUT/study" --work_dir /tmp/study \
       --merge_from benchmarks/results_h200/study/convergence.json --fashion_mnist_dir "$FM" --call "${CALL:-}" \
       --throughput_json benchmarks/results_h200/trainer_overhead/trainer_vs_harness.json ${STUDY_ARGS:-} 2>&1 \
       | flt | tee -a "$LOG"
-  cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null  # carry it into later calls if it was made here
+  # Carry it into later calls if it was made here (a call returns at most 8 files: not when it was carried).
+  [ -n "$CARRIED_CACHE" ] || cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null
   ;;
 tune)
   # Issue 23: short variants of one recipe (ARG) in one call, e.g. MaskDiT's decoder depth, TREAD's span,
@@ -67,13 +69,14 @@ tune)
   # overrides, TUNE_MINUTES per variant). Rows merge with benchmarks/results_h200/tune/tune.json.
   : "${ARG:?usage: bash benchmarks/run_gpu.sh tune MODEL}"
   export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
-  ls .cache_dm/fashion_mnist_classifier/*.safetensors >/dev/null 2>&1 || echo "warning: no .cache_dm carried" \
+  CARRIED_CACHE=$(ls .cache_dm/fashion_mnist_classifier/*.safetensors 2>/dev/null)
+  [ -n "$CARRIED_CACHE" ] || echo "warning: no .cache_dm carried" \
       | tee -a "$LOG"
   mkdir -p "$OUT/tune"; cp benchmarks/results_h200/tune/tune.json "$OUT/tune/" 2>/dev/null
   timeout 570 python3 benchmarks/convergence.py --tune "$ARG" --out "$OUT/tune" --work_dir /tmp/tune \
       --merge_from benchmarks/results_h200/study/convergence.json --fashion_mnist_dir "$FM" --call "${CALL:-}" \
       --tune_minutes "${TUNE_MINUTES:-1}" ${VARIANTS:+--variants $VARIANTS} 2>&1 | flt | tee -a "$LOG"
-  cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null
+  [ -n "$CARRIED_CACHE" ] || cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null
   ;;
 text_to_image)
   # Issue 22: one text-to-image model of each kind on the default Fashion-MNIST scenes (64x64, 1 channel, 256 tokens
