@@ -12,8 +12,8 @@ conditional accuracy on ``--eval_num_samples`` samples every ``--minutes``/``--e
 - ``maskdit``: MaskDiT (mask 0.5, MAE 0.1, its unmasked fine-tuning share);
 - ``deferred_maskdit``: DeferredMaskDiT / MicroDiT (TINY/2 preset, class-conditional, mask 0.75 after the
   patch-mixer);
-- ``mdtv2``: MDTv2 with the EDM objective (needs a trainer that accepts ``--objective edm`` for MDTv2; recorded as
-  not run otherwise);
+- ``mdtv2``: MDTv2 with the EDM objective (``train_mdt.py --objective edm``: both branches with the EDM loss, no
+  learned variance; recorded as not run by a trainer without it);
 - ``mdtv2_ddpm``: MDTv2 with its paper's DDPM objective (epsilon + learned-variance VLB, min-SNR 5), sampled with
   DPM-Solver++ in its DDPM form: labelled as such, not like-for-like in objective.
 

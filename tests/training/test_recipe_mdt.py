@@ -10,7 +10,7 @@ import torch
 from diffusers_masked import MDTv2Pipeline, MDTv2Transformer2DModel
 from diffusers_masked.training.config import ModelConfig, OptimConfig, TrainConfig
 from diffusers_masked.training.context import TrainContext
-from diffusers_masked.training.objectives import DDPMObjective, NoisyBatch
+from diffusers_masked.training.objectives import DDPMObjective, EDMObjective, NoisyBatch
 from diffusers_masked.training.optimizers import Adan
 from diffusers_masked.training.recipe_mdt import (
     LearnedVarianceVLB,
@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def tiny_model():
+def tiny_model(**kwargs):
     model = MDTv2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=1, hidden_size=32, num_layers=4, num_decoder_layers=2,
-        num_attention_heads=2, num_classes=3,
+        num_attention_heads=2, num_classes=3, **kwargs
     )
     torch.manual_seed(0)
     with torch.no_grad():
@@ -43,7 +43,7 @@ def context(objective="epsilon", mask_ratio=None, unmasked_finetune_steps=0, ste
         model=ModelConfig(objective=objective, mask_ratio=mask_ratio, unmasked_finetune_steps=unmasked_finetune_steps),
         optim=OptimConfig(max_train_steps=100, learning_rate=1e-3), recipe=MDTv2Config(**recipe))
     ctx = TrainContext(config, generator=generator, model=model, step=step)
-    ctx.objective = MDTv2Recipe().build_objective(ctx) if objective != "edm" else None  # edm: refused
+    ctx.objective = MDTv2Recipe().build_objective(ctx)
     return ctx
 
 
@@ -172,9 +172,36 @@ def test_no_masked_branch_keeps_side_interpolater_in_graph():
     assert model.side_interpolater.mask_token.grad is not None
 
 
-def test_edm_objective_rejected():
-    with pytest.raises(ValueError, match="DDPM"):
-        MDTv2Recipe().build_objective(context(objective="edm"))
+def test_unknown_objective_rejected():
+    with pytest.raises(ValueError, match="epsilon"):
+        MDTv2Recipe().build_objective(context(objective="x0"))
+
+
+def test_edm_objective_trains_both_branches_without_a_learned_variance():
+    ctx = context(objective="edm", edm_sigma_data=0.5)
+    recipe = MDTv2Recipe()
+    assert isinstance(ctx.objective, EDMObjective)
+    assert recipe.model_overrides(ctx)["learn_sigma"] is False
+    assert recipe.model_overrides(context())["learn_sigma"] is True
+    model = Spy(tiny_model(learn_sigma=False))
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    cond = {"class_labels": torch.tensor([0, 1, 2, 0])}
+    loss, logs = mdtv2_loss(model, ctx.objective, x0, cond, 0.4, generator=torch.Generator().manual_seed(0))
+    assert [c["kept"] for c in model.calls] == [None, 10]
+    full, masked = model.calls
+    assert torch.equal(full["t"], masked["t"])  # the same sigma (as c_noise) in both branches ...
+    assert not torch.allclose(full["x"], masked["x"])  # ... with fresh noise
+    assert logs["vb"] == 0 and logs["m_vb"] == 0  # no VLB term: EDM's weighted error is the whole loss
+    torch.testing.assert_close(loss, logs["loss_full"] + logs["m_loss"])
+    # The loss is EDM's: the full branch's value equals the objective's own loss on that model output.
+    noisy = ctx.objective.add_noise(x0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ctx.objective.per_element_loss(model.inner(noisy.model_input, noisy.timestep, **cond).sample, noisy, x0)
+    torch.testing.assert_close(logs["loss_full"], ref.flatten(1).mean(1).mean())
+    loss.backward()
+    assert model.inner.side_interpolater.mask_token.grad is not None
+    with pytest.raises(ValueError, match="learned_variance"):
+        mdtv2_loss(model, DDPMObjective(learned_variance=False), x0, cond, 0.4)
 
 
 def test_adan_matches_hand_computation():
@@ -315,3 +342,31 @@ def test_identical_cpu_training_runs_end_bit_identical():
         torch.set_num_threads(threads)
     differing = [n for n in states[0] if not all(torch.equal(x, y) for x, y in zip(states[0][n], states[1][n]))]
     assert not differing, f"runs differ in {differing}"
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
+def test_trainer_edm_run_saves_an_edm_pipeline_that_samples(tmp_path):
+    """--objective edm (the study's like-for-like MDTv2 row): both branches train with the EDM loss, the model has
+    no learned variance, and the saved pipeline samples with the EDM scheduler of the run's constants."""
+    from diffusers import DiffusionPipeline, EDMEulerScheduler
+
+    from diffusers_masked.training import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(patch_size=7, hidden_size=32, num_layers=4, num_decoder_layers=2,
+                                      num_attention_heads=2)))
+    out = tmp_path / "edm"
+    result = main(MDTv2Recipe(), [
+        "--output_dir", str(out), "--model_config", str(config), "--objective", "edm", "--edm_sigma_data", "0.6",
+        "--max_train_samples", "32", "--train_batch_size", "8", "--max_train_steps", "3",
+        "--checkpointing_steps", "3", "--validation_steps", "0", "--report_to", "none", "--logging_steps", "1",
+        "--lr_warmup_steps", "0", "--fashion_mnist_dir", str(FASHION_MNIST)])
+    assert result["finished"] and result["final_loss"] == result["final_loss"]  # not NaN
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, MDTv2Pipeline) and isinstance(pipe.scheduler, EDMEulerScheduler)
+    assert pipe.scheduler.config.sigma_data == 0.6
+    assert pipe.transformer.config.learn_sigma is False
+    images = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 28, 28, 1) and bool(torch.isfinite(torch.from_numpy(images)).all())
+    assert "unused (EDM objective)" in (out / "README.md").read_text()

@@ -55,6 +55,10 @@ class Objective:
     def add_noise(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> NoisyBatch:
         raise NotImplementedError
 
+    def renoise(self, x0: torch.Tensor, batch: NoisyBatch, noise: torch.Tensor) -> NoisyBatch:
+        """The same noise levels as ``batch`` with other ``noise``."""
+        raise NotImplementedError
+
     def predict_x0(self, model_output: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
         """The clean-sample estimate implied by the raw model output."""
         raise NotImplementedError
@@ -116,6 +120,13 @@ class EDMObjective(Objective):
         timestep = self.scheduler.precondition_noise(sigma)
         return NoisyBatch(model_input=model_input, timestep=timestep, noisy=noisy, noise=noise, level=sigma)
 
+    def renoise(self, x0: torch.Tensor, batch: NoisyBatch, noise: torch.Tensor) -> NoisyBatch:
+        """``batch``'s noise levels with other ``noise`` (MDTv2's masked branch: same sigma, fresh noise)."""
+        sigma_b = batch.level.view(-1, 1, 1, 1).to(x0.dtype)
+        noisy = x0 + sigma_b * noise
+        model_input = self.scheduler.precondition_inputs(noisy, sigma_b)
+        return NoisyBatch(model_input=model_input, timestep=batch.timestep, noisy=noisy, noise=noise, level=batch.level)
+
     def predict_x0(self, model_output: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
         sigma = batch.level.view(-1, 1, 1, 1)
         return self.scheduler.precondition_outputs(batch.noisy.float(), model_output.float(), sigma)
@@ -175,6 +186,11 @@ class DDPMObjective(Objective):
         noise = _randn_like(x0, generator)
         noisy = self.scheduler.add_noise(x0, noise, t)
         return NoisyBatch(model_input=noisy, timestep=t, noisy=noisy, noise=noise, level=t)
+
+    def renoise(self, x0: torch.Tensor, batch: NoisyBatch, noise: torch.Tensor) -> NoisyBatch:
+        """``batch``'s timesteps with other ``noise`` (MDTv2's masked branch: same t, fresh noise)."""
+        noisy = self.scheduler.add_noise(x0, noise, batch.level)
+        return NoisyBatch(model_input=noisy, timestep=batch.timestep, noisy=noisy, noise=noise, level=batch.level)
 
     def target(self, x0: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
         if self.scheduler.config.prediction_type == "epsilon":

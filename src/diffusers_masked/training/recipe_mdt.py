@@ -6,6 +6,9 @@ tokens, the side-interpolater fills the rest). The loss is the unweighted sum of
 loss is ``w(t) * MSE(eps) + VLB`` over all tokens, with MDTv2's Min-SNR weight ``w(t) = min(SNR, 5) / SNR`` on the
 MSE term only (as the official code). The VLB term trains the learned-range variance with a stop-gradient on the
 mean, so `DDPMScheduler(variance_type="learned_range")` samples with the predicted variance.
+
+``--objective edm`` (not the paper's; for like-for-like comparisons with the EDM recipes) keeps the two branches and
+their shared noise levels but trains each with the EDM denoising loss, without a learned variance or Min-SNR weight.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from ..models.transformer_mdt import MDTv2Transformer2DModel
 from ..pipelines.pipeline_mdt import MDTv2Pipeline
 from .config import TrainConfig
 from .context import BackwardPart, LossOutput, TrainContext
-from .objectives import DDPMObjective, NoisyBatch, Objective
+from .objectives import DDPMObjective, EDMObjective, NoisyBatch, Objective
 from .recipe import (
+    EDMConfig,
     RouteConfig,
     TrainingRecipe,
     UsageError,
+    add_edm_arguments,
     add_route_arguments,
     check_route_config,
     draw_ids_keep,
     draw_route_ids,
+    edm_objective,
     route_overrides,
     route_ratio_at,
 )
@@ -137,8 +143,8 @@ DEFAULT_MASK_RATIO = 0.3
 
 def branch_loss(
     model,
-    objective: DDPMObjective,
-    vlb: LearnedVarianceVLB,
+    objective: Objective,
+    vlb: Optional[LearnedVarianceVLB],
     x0: torch.Tensor,
     batch: NoisyBatch,
     cond: Dict[str, torch.Tensor],
@@ -148,8 +154,9 @@ def branch_loss(
     route_ratio: float = 0.0,
     bare: Optional[torch.nn.Module] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens. ``route_ratio > 0`` adds TREAD
-    routing inside the encoder (among the kept tokens in the masked branch)."""
+    """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens. ``vlb`` None (EDM): the loss is the
+    objective's weighted error alone (vb 0). ``route_ratio > 0`` adds TREAD routing inside the encoder (among the
+    kept tokens in the masked branch)."""
     bare = model if bare is None else bare
     ids_keep = draw_ids_keep(bare, x0.shape[0], mask_ratio, x0.device, generator)
     route_ids = draw_route_ids(x0.shape[0], bare.num_tokens, ids_keep, route_ratio, x0.device, generator)
@@ -157,13 +164,15 @@ def branch_loss(
     c = x0.shape[1]
     eps, var_values = out[:, :c], out[:, c:]
     mse = objective.per_element_loss(eps, batch, x0).flatten(1).mean(1)
+    if vlb is None:  # EDM: the weighted denoising loss is the whole loss
+        return mse, mse, torch.zeros_like(mse)
     vb = vlb(eps, var_values, batch, x0)
     return min_snr_weight(objective, batch.level, gamma) * mse + vb, mse, vb
 
 
 def mdtv2_loss(
     model,
-    objective: DDPMObjective,
+    objective: Objective,
     x0: torch.Tensor,
     cond: Dict[str, torch.Tensor],
     mask_ratio: float,
@@ -180,10 +189,14 @@ def mdtv2_loss(
     `TrainContext.backward_part`) the full branch is back-propagated before the masked one runs and only its value
     joins the returned loss: same gradients, one branch's activations alive at a time. Both branches route when
     ``route_ratio > 0`` (the encoder is the routed stack in each). ``bare``: the unwrapped model for attribute reads
-    (default: ``model``); ``vlb``: a cached `LearnedVarianceVLB` of ``objective``."""
-    if not isinstance(objective, DDPMObjective) or not objective.learned_variance:
-        raise ValueError("MDTv2 needs a DDPMObjective with learned_variance=True (see MDTv2Recipe.build_objective).")
-    vlb = LearnedVarianceVLB(objective) if vlb is None else vlb
+    (default: ``model``); ``vlb``: a cached `LearnedVarianceVLB` of a DDPM ``objective`` (unused under EDM)."""
+    if isinstance(objective, EDMObjective):
+        vlb = None
+    elif isinstance(objective, DDPMObjective) and objective.learned_variance:
+        vlb = LearnedVarianceVLB(objective) if vlb is None else vlb
+    else:
+        raise ValueError("MDTv2 needs a DDPMObjective with learned_variance=True or an EDMObjective (see "
+                         "MDTv2Recipe.build_objective).")
     full = objective.add_noise(x0, generator)
     parts = {}
 
@@ -200,9 +213,7 @@ def mdtv2_loss(
         # Same clean batch and timesteps, fresh noise (as the official two training_losses calls).
         noise = torch.randn(x0.shape, generator=generator,
                             device=generator.device if generator is not None else x0.device)
-        noise = noise.to(x0.device, x0.dtype)
-        noisy = objective.scheduler.add_noise(x0, noise, full.level)
-        masked = NoisyBatch(model_input=noisy, timestep=full.timestep, noisy=noisy, noise=noise, level=full.level)
+        masked = objective.renoise(x0, full, noise.to(x0.device, x0.dtype))
         loss_m, m_mse, m_vb = branch_loss(model, objective, vlb, x0, masked, cond, mask_ratio, min_snr_gamma,
                                           generator, route_ratio, bare)
         loss = loss + loss_m.mean()
@@ -214,8 +225,9 @@ def mdtv2_loss(
 # Recipe
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MDTv2Config(RouteConfig):
-    """MDTv2's flags: how the per-batch mask ratio is drawn, the loss weight, the optimizer, the split backward."""
+class MDTv2Config(EDMConfig, RouteConfig):
+    """MDTv2's flags: how the per-batch mask ratio is drawn, the loss weight, the optimizer, the split backward,
+    the EDM constants (``--objective edm``) and TREAD routing."""
 
     mask_ratio_range: Tuple[float, float] = MASK_RATIO_RANGE
     min_snr_gamma: float = 5.0
@@ -271,6 +283,7 @@ class MDTv2Recipe(TrainingRecipe):
         parser.add_argument("--use_adan", action="store_true",
                             help="Adan optimizer (betas 0.98/0.92/0.99) as the official MDTv2 training; lr, weight "
                             "decay and epsilon come from --learning_rate / --adam_weight_decay / --adam_epsilon.")
+        add_edm_arguments(parser, d)
         add_route_arguments(parser, "encoder")
 
     def check_config(self, config: TrainConfig, error: UsageError) -> None:
@@ -293,16 +306,19 @@ class MDTv2Recipe(TrainingRecipe):
 
     def build_objective(self, ctx: TrainContext) -> Objective:
         name = ctx.config.model.objective
+        if name == "edm":
+            return edm_objective(ctx)
         if name not in ("epsilon", "v_prediction"):
             raise ValueError(
-                f"MDTv2 trains with the DDPM objective and a learned variance; --objective {name} is not supported. "
-                "Use --objective epsilon (the paper) or v_prediction."
+                f"MDTv2 trains with the DDPM objective and a learned variance (or EDM); --objective {name} is not "
+                "supported. Use --objective epsilon (the paper), v_prediction or edm."
             )
         return DDPMObjective(prediction_type=name, learned_variance=True)
 
     def model_overrides(self, ctx: TrainContext) -> Dict[str, Any]:
         c: MDTv2Config = ctx.config.recipe
-        overrides: Dict[str, Any] = dict(learn_sigma=True, out_channels=None)
+        # The learned variance belongs to the DDPM loss (its VLB term); EDM predicts the denoised sample only.
+        overrides: Dict[str, Any] = dict(learn_sigma=ctx.config.model.objective != "edm", out_channels=None)
         if c.num_decoder_layers is not None:
             overrides["num_decoder_layers"] = c.num_decoder_layers
         overrides.update(route_overrides(c))
@@ -346,7 +362,7 @@ class MDTv2Recipe(TrainingRecipe):
     def compute_loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> LossOutput:
         cond = self.conditioning_kwargs(batch, ctx)
         ratio = self.mask_ratio(ctx)
-        if self._vlb is None or self._vlb.objective is not ctx.objective:
+        if isinstance(ctx.objective, DDPMObjective) and (self._vlb is None or self._vlb.objective is not ctx.objective):
             self._vlb = LearnedVarianceVLB(ctx.objective)
         c: MDTv2Config = ctx.config.recipe
         backward_part = ctx.backward_part if c.split_branch_backward else None
@@ -365,5 +381,6 @@ class MDTv2Recipe(TrainingRecipe):
         else:
             masking = f"U[{c.mask_ratio_range[0]}, {c.mask_ratio_range[1]}) per batch"
         # (`mask_ratio` itself is filled by the trainer; this adds how it was drawn.)
-        return {"mask_ratio_schedule": masking, "min_snr_gamma": c.min_snr_gamma,
+        edm = ctx.config.model.objective == "edm"
+        return {"mask_ratio_schedule": masking, "min_snr_gamma": "unused (EDM objective)" if edm else c.min_snr_gamma,
                 "optimizer": "Adan" if c.use_adan else "AdamW"}
