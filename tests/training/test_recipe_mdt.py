@@ -369,4 +369,5 @@ def test_trainer_edm_run_saves_an_edm_pipeline_that_samples(tmp_path):
     images = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 28, 28, 1) and bool(torch.isfinite(torch.from_numpy(images)).all())
-    assert "unused (EDM objective)" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "edm (EDM denoising loss, no learned variance)" in card and "learned-variance VLB" not in card

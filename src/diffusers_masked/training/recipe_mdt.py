@@ -381,6 +381,11 @@ class MDTv2Recipe(TrainingRecipe):
         else:
             masking = f"U[{c.mask_ratio_range[0]}, {c.mask_ratio_range[1]}) per batch"
         # (`mask_ratio` itself is filled by the trainer; this adds how it was drawn.)
-        edm = ctx.config.model.objective == "edm"
-        return {"mask_ratio_schedule": masking, "min_snr_gamma": "unused (EDM objective)" if edm else c.min_snr_gamma,
+        objective = ctx.config.model.objective
+        if objective == "edm":
+            described, weight = "edm (EDM denoising loss, no learned variance)", "EDM's (unused: --min_snr_gamma)"
+        else:
+            described, weight = f"{objective} + learned-variance VLB", f"min(SNR, {c.min_snr_gamma}) / SNR"
+        return {"mask_ratio_schedule": masking, "min_snr_gamma": c.min_snr_gamma, "objective_description": described,
+                "timestep_weight": weight,
                 "optimizer": "Adan" if c.use_adan else "AdamW"}
