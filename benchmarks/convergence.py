@@ -285,18 +285,26 @@ def eval_every(args: argparse.Namespace) -> float:
     return args.minutes / max(args.eval_points, 1)
 
 
-def model_config(contender: Contender, args: argparse.Namespace, work: Path,
-                 overrides: Optional[Dict[str, Any]] = None, tag: str = "") -> str:
-    """``--model_config`` value: the preset name, or a config JSON (preset / tiny config + ``overrides``)."""
+def contender_config(contender: Contender, args: argparse.Namespace,
+                     overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The contender's model config as a dict: its preset's (or, with --quick, its tiny config) + ``overrides``."""
     base = contender.tiny if args.quick else contender.preset
-    if not overrides and isinstance(base, str):
-        return base
     if isinstance(base, str):
         module, cls = contender.model_cls.split(":")
         config = dict(getattr(importlib.import_module(module), cls).preset_config(base))
     else:
         config = dict(base)
     config.update(overrides or {})
+    return config
+
+
+def model_config(contender: Contender, args: argparse.Namespace, work: Path,
+                 overrides: Optional[Dict[str, Any]] = None, tag: str = "") -> str:
+    """``--model_config`` value: the preset name, or a config JSON (preset / tiny config + ``overrides``)."""
+    base = contender.tiny if args.quick else contender.preset
+    if not overrides and isinstance(base, str):
+        return base
+    config = contender_config(contender, args, overrides)
     path = work / f"{contender.name}{tag}_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=1))
@@ -440,13 +448,7 @@ def plan_steps(contender: Contender, args: argparse.Namespace, share: float, min
         return {"max_train_steps": 100_000_000, "unmasked_steps": 0, "share": 0.0, "requested_share": share,
                 "note": "unmasked fine-tuning NOT applied: no img/s estimate (pass --throughput_json or "
                         "--expected_img_s)"}
-    base = contender.tiny if args.quick else contender.preset
-    if isinstance(base, str):
-        module, cls = contender.model_cls.split(":")
-        config = dict(getattr(importlib.import_module(module), cls).preset_config(base))
-    else:
-        config = dict(base)
-    config.update(config_overrides or {})
+    config = contender_config(contender, args, config_overrides)
     rel = maskdit_unmasked_cost(config, mask_ratio)
     allowance = 0.0 if args.quick or not args.torch_compile else COMPILE_ALLOWANCE_S + UNMASKED_RECOMPILE_S
     seconds = max(60 * minutes - allowance, 1.0)

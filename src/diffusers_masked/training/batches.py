@@ -24,7 +24,7 @@ from ..data import (
 )
 from ..data.text_cache import CaptionedImageDataset
 from .config import TrainConfig
-from .context import DataInfo
+from .context import DataInfo, to_device
 from .text import TextData, load_text_dataset
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,6 @@ def load_vae(path: str, device: torch.device):
     vae = AutoencoderKL.from_pretrained(path)
     vae.requires_grad_(False).eval().to(device)
     return vae
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a loader tensor to the device. The loader pins its batches (fresh buffers per batch), and a blocking copy
-    from pinned memory waits for the GPU to finish the previous step, so the host could not queue the next one."""
-    return tensor.to(device, non_blocking=tensor.is_pinned())
 
 
 class TrainingData:

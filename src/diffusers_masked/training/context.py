@@ -32,6 +32,16 @@ def unwrap_model(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Mo
     return getattr(model, "module", model)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """Copy a host tensor of the step to the device without waiting for the GPU. The loader pins its batches (fresh
+    buffers per batch); a blocking copy from pinned memory waits for the GPU to finish the previous step, and a copy
+    from pageable memory goes through the driver's staging buffer and can hold the host just as long, so the host
+    could not queue the next step. ``pin``: pin a fresh pageable tensor first (on CUDA), e.g. a host-side gather."""
+    if pin and device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
 @dataclass
 class DataInfo:
     """The training data as the model sees it.

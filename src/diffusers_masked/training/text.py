@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .context import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +196,5 @@ class TextData:
         device); dropout is the recipe's (with the run's generator)."""
         # Gathered in the storage dtype and widened on the device: half the host work and copy of float32.
         text = self.cache.lookup(image_index.cpu(), self._generator(step), 0.0, dtype=self.cache.storage_dtype)
-        return {"encoder_hidden_states": _to_device_async(text["encoder_hidden_states"], device).float(),
-                "encoder_attention_mask": _to_device_async(text["encoder_attention_mask"], device)}
-
-
-def _to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fresh host tensor on ``device`` without waiting for the GPU: on CUDA it is pinned first. A copy from pageable
-    memory goes through the driver's staging buffer and can hold the host until the work queued before it has run
-    (the next step's host work would wait for the previous step); a copy from pinned memory is asynchronous."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+        return {"encoder_hidden_states": to_device(text["encoder_hidden_states"], device, pin=True).float(),
+                "encoder_attention_mask": to_device(text["encoder_attention_mask"], device, pin=True)}
