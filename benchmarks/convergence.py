@@ -225,6 +225,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--logging_steps", type=int, default=50)
+    g.add_argument("--data_on_device", choices=("auto", "always", "never"), default="auto",
+                   help="The trainer's --data_on_device (auto: the 61 MB of 32x32 Fashion-MNIST stay on the GPU). "
+                        "Rows before it existed trained from the DataLoader ('never').")
     p.add_argument("--plan", action="store_true", help="Print each contender's expected call time; train nothing.")
     p.add_argument("--report_only", action="store_true", help="Rebuild the table and plots from the JSON.")
     p.add_argument("--tune", default=None, metavar="MODEL", help="Run --variants of MODEL for --tune_minutes each.")
@@ -278,6 +281,7 @@ def shared_settings(args: argparse.Namespace) -> Dict[str, Any]:
         "eval_reference": "Fashion-MNIST train split at the same resolution (FD-FMNIST: embedded classifier)",
         "eval_sampler": f"DPM-Solver++ 2M: {EDM_SAMPLER} (EDM rows) / {DDPM_SAMPLER} (DDPM row)",
         "logging_steps": args.logging_steps, "dataloader_num_workers": 0,
+        "data_on_device": getattr(args, "data_on_device", "auto"),
     }
 
 
@@ -325,7 +329,8 @@ def trainer_flags(contender: Contender, args: argparse.Namespace, out_dir: Path,
         "--adam_beta1", "0.9", "--adam_beta2", "0.999", "--adam_weight_decay", "0", "--adam_epsilon", "1e-8",
         "--mixed_precision", args.mixed_precision, "--allow_tf32", "--use_ema", "--ema_decay", str(args.ema_decay),
         "--class_dropout_prob", str(args.class_dropout_prob), "--objective", contender.objective,
-        "--dataloader_num_workers", "0", "--max_train_steps", str(max_train_steps),
+        "--dataloader_num_workers", "0", "--data_on_device", getattr(args, "data_on_device", "auto"),
+        "--max_train_steps", str(max_train_steps),
         "--unmasked_finetune_steps", str(unmasked_steps), "--validation_steps", "0",
         "--checkpointing_steps", "100000000", "--checkpoints_total_limit", "1", "--report_to", "tensorboard",
         "--logging_steps", str(args.logging_steps), "--validation_scheduler", contender.sampler,

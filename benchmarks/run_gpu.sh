@@ -29,6 +29,10 @@ LOG=$OUT/log.txt
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers, datasets, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
+  # Host-side threads against the CPUs this container may use: a step whose host work is parallelised over more
+  # threads than the CPU quota allows waits on throttled threads.
+  python3 -c "import os, torch; print('cpus', os.cpu_count(), 'affinity', len(os.sched_getaffinity(0)), 'torch threads', torch.get_num_threads())"
+  echo "cgroup cpu.max: $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo n/a)"
 } 2>&1 | tee -a "$LOG"
 FM=".data/fashion-mnist"
 # Progress-bar refreshes and per-file checkpoint lines would flood the log.

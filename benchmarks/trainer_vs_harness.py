@@ -73,6 +73,7 @@ def probe_main(argv: List[str]) -> None:
     p.add_argument("--profile_wait", type=int, default=30)
     p.add_argument("--profile_active", type=int, default=5)
     p.add_argument("--profile_trace", action="store_true")
+    p.add_argument("--profile_python", action="store_true")
     p.add_argument("script")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     ns = p.parse_args(argv)
@@ -94,12 +95,13 @@ def probe_main(argv: List[str]) -> None:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         # with_stack turns on the Python tracer: the trainer's Python-side work (EMA, LR scheduler, logging, data
-        # loading) appears as python_function events that the breakdown sums by file and function name.
+        # loading) appears as python_function events that the breakdown sums by file and function name. It slows
+        # the host several-fold, so a host-bound step looks far more host-bound than it is: off by default.
         prof = profile(activities=acts, schedule=schedule(wait=ns.profile_wait, warmup=2, active=ns.profile_active,
                                                           repeat=1),
                        on_trace_ready=lambda pr: write_profile(pr, Path(ns.profile_out), ns.profile_active, stamps,
-                                                               ns.profile_trace),
-                       with_stack=True)
+                                                               ns.profile_trace, ns.profile_python),
+                       with_stack=ns.profile_python)
 
     def flush() -> None:
         _write_json(out, {"t_start": t_start, "step_stamps": stamps, "sync_steps": sorted(sync),
@@ -175,12 +177,16 @@ def _outermost_total_us(events: Sequence[Any], pattern: str) -> Tuple[float, int
     return total, count
 
 
-def write_profile(prof, path: Path, active: int, stamps: Sequence[float], trace: bool = False) -> None:
+def write_profile(prof, path: Path, active: int, stamps: Sequence[float], trace: bool = False,
+                  python_tracer: bool = False) -> None:
     """Top ops by self CPU and self device time, the CPU-side breakdown by category, and the step times; with
     ``trace`` also the Chrome trace (gzip; tens of MB with the Python tracer)."""
     events = prof.events()
+    tracer = ("Python tracer on, so CPU times are inflated; compare categories with each other." if python_tracer
+              else "Python tracer off (--profile_python turns it on): CPU times are close to an unprofiled step's, "
+                   "categories that are Python functions read 0.")
     lines = [f"torch.profiler over {active} trainer steps (after the warm-up; step boundary = the optimizer step "
-             "post-hook). Python tracer on, so CPU times are inflated; compare categories with each other.", ""]
+             f"post-hook). {tracer}", ""]
     steps_us = _outermost_total_us(events, r"^ProfilerStep")[0]
     lines.append(f"profiled steps: {steps_us / 1e3 / max(active, 1):.2f} ms wall per step (CPU span of ProfilerStep)")
     if len(stamps) > 12:
@@ -188,7 +194,8 @@ def write_profile(prof, path: Path, active: int, stamps: Sequence[float], trace:
         lines.append(f"unprofiled steps before the profile: median {statistics.median(d) * 1e3:.2f} ms per step "
                      f"(optimizer-step timestamps)")
     averages = prof.key_averages()
-    busy = sum(getattr(a, "self_device_time_total", 0.0) for a in averages)
+    # ProfilerStep's own "device time" is the sum of its kernels again: leave it out.
+    busy = sum(getattr(a, "self_device_time_total", 0.0) for a in averages if not a.key.startswith("ProfilerStep"))
     has_cuda = busy > 0
     if has_cuda:
         # The table footer's "Self CUDA time total" (it may count a few kernels twice: an upper bound on busy time).
@@ -239,7 +246,7 @@ def _is_progress_line(line: str) -> bool:
 
 def run_probed_trainer(script: str, flags: Sequence[str], probe_path: Path, log_path: Path,
                        sync_steps: Sequence[int] = (), profile_out: Optional[Path] = None, profile_wait: int = 30,
-                       profile_active: int = 5, profile_trace: bool = False,
+                       profile_active: int = 5, profile_trace: bool = False, profile_python: bool = False,
                        poll: Optional[Callable[[], None]] = None, poll_s: float = 0.5,
                        echo: bool = True, timeout_s: Optional[float] = None) -> Dict[str, Any]:
     """Run ``script flags`` in a child process under the probe; its output goes to ``log_path`` (tqdm refreshes
@@ -251,7 +258,8 @@ def run_probed_trainer(script: str, flags: Sequence[str], probe_path: Path, log_
         cmd += ["--sync_steps", *map(str, sync_steps)]
     if profile_out is not None:
         cmd += ["--profile_out", str(profile_out), "--profile_wait", str(profile_wait),
-                "--profile_active", str(profile_active)] + (["--profile_trace"] if profile_trace else [])
+                "--profile_active", str(profile_active)] + (["--profile_trace"] if profile_trace else []) \
+            + (["--profile_python"] if profile_python else [])
     cmd += ["--", str(script), *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="30")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -542,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile_active", type=int, default=5, help="Profiled trainer steps.")
     p.add_argument("--profile_trace", action="store_true",
                    help="Also write the profile's Chrome trace (OUT/profile_MODEL_bBATCH.trace.json.gz).")
+    p.add_argument("--profile_python", action="store_true",
+                   help="Profile with the Python tracer: names the trainer's Python-side work (EMA, scheduler, data "
+                        "loading) but slows the host several-fold, so the step's timing is not the real one.")
     p.add_argument("--time_budget_s", type=float, default=540.0,
                    help="Start no further model once this many seconds have passed (the table is still written).")
     p.add_argument("--per_model_s", type=float, default=130.0,
@@ -581,6 +592,28 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for name in names + ([args.profile] if args.profile else []):
         if name not in convergence.CONTENDERS:
             raise SystemExit(f"Unknown model {name!r}; choose from {', '.join(convergence.CONTENDERS)}.")
+    # The profile first: it is what a call for it is made for, and the models' rows stop at the time budget.
+    if args.profile:
+        name = args.profile
+        contender = convergence.CONTENDERS[name]
+        prof_dir = work / f"{name}_b{args.batch_size}_profile"
+        if prof_dir.exists():
+            import shutil
+
+            shutil.rmtree(prof_dir)
+        steps = args.warmup_steps + 2 + args.profile_active + 3
+        pargs = argparse.Namespace(**{**vars(args), "steps": steps})
+        flags = trainer_flags_for_overhead(contender, pargs, prof_dir)
+        path = out / f"profile_{name}_b{args.batch_size}.txt"
+        print(f"=== profile {name} b{args.batch_size} -> {path}", flush=True)
+        res = run_probed_trainer(contender.script, flags, work / f"{name}_profile_probe.json",
+                                 work / f"{name}_profile_trainer.log", profile_out=path,
+                                 profile_wait=args.warmup_steps, profile_active=args.profile_active,
+                                 profile_trace=args.profile_trace, profile_python=args.profile_python,
+                                 echo=not args.quiet)
+        print(f"=== profile rc {res['rc']} ({res['wall_s']:.0f} s)", flush=True)
+        if res["rc"] != 0:
+            print("\n".join(res["tail"][-15:]), flush=True)
     for name in names:
         key = f"{name}@b{args.batch_size}"
         if time.time() - start + args.per_model_s > args.time_budget_s:
@@ -599,29 +632,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         data["notes"] = sorted(notes)
         _write_json(out / "trainer_vs_harness.json", data)
         (out / "trainer_vs_harness.md").write_text(markdown(data))
-    if args.profile and time.time() - start + args.per_model_s / 2 > args.time_budget_s:
-        print(f"=== profile {args.profile}: skipped (time budget)", flush=True)
-        notes.add(f"profile of {args.profile} skipped: time budget")
-    elif args.profile:
-        name = args.profile
-        contender = convergence.CONTENDERS[name]
-        prof_dir = work / f"{name}_b{args.batch_size}_profile"
-        if prof_dir.exists():
-            import shutil
-
-            shutil.rmtree(prof_dir)
-        steps = args.warmup_steps + 2 + args.profile_active + 3
-        pargs = argparse.Namespace(**{**vars(args), "steps": steps})
-        flags = trainer_flags_for_overhead(contender, pargs, prof_dir)
-        path = out / f"profile_{name}_b{args.batch_size}.txt"
-        print(f"=== profile {name} b{args.batch_size} -> {path}", flush=True)
-        res = run_probed_trainer(contender.script, flags, work / f"{name}_profile_probe.json",
-                                 work / f"{name}_profile_trainer.log", profile_out=path,
-                                 profile_wait=args.warmup_steps, profile_active=args.profile_active,
-                                 profile_trace=args.profile_trace, echo=not args.quiet)
-        print(f"=== profile rc {res['rc']} ({res['wall_s']:.0f} s)", flush=True)
-        if res["rc"] != 0:
-            print("\n".join(res["tail"][-15:]), flush=True)
     data["notes"] = sorted(notes)
     data["elapsed_s"] = time.time() - start
     _write_json(out / "trainer_vs_harness.json", data)

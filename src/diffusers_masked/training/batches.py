@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -52,11 +53,107 @@ class EpochBatchSampler(Sampler):
     def __len__(self) -> int:
         return self.num_samples // self.global_batch
 
+    def permutation(self) -> torch.Tensor:
+        """The current epoch's sample order (host, int64)."""
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def offsets(self) -> range:
+        """Where this process's batches start in `permutation`, from the current position to the epoch's end."""
+        first = self.start * self.global_batch + self.rank * self.batch_size
+        return range(first, len(self) * self.global_batch, self.global_batch)
+
     def __iter__(self):
-        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        for step in range(self.start, len(self)):
-            offset = step * self.global_batch + self.rank * self.batch_size
+        perm = self.permutation()
+        for offset in self.offsets():
             yield perm[offset : offset + self.batch_size].tolist()
+
+
+#: --data_on_device auto keeps the training tensors on a CUDA device up to min(this, 10% of its memory).
+DEVICE_DATA_MAX_BYTES = 4 * 2**30
+
+
+def gatherable_tensors(dataset: Any) -> Optional[Dict[str, Any]]:
+    """The host arrays (tensors, or the latent cache's memory maps, not read here) behind a data set whose batches
+    are plain row gathers, by batch key before any conversion; None when a batch needs more (decoding, a caption
+    pick inside the data set)."""
+    if isinstance(dataset, CaptionedImageDataset):
+        return None if dataset.return_text else gatherable_tensors(dataset.images)
+    if isinstance(dataset, ImageClassDataset) and dataset.images is not None:
+        return {"pixel_values": dataset.images, "class_labels": dataset.labels}
+    if isinstance(dataset, LatentCacheDataset):
+        return {"moments": dataset.moments, "class_labels": dataset.labels}
+    return None
+
+
+class DeviceBatches:
+    """Loader batches gathered on the accelerator from training tensors kept there, in `EpochBatchSampler`'s order.
+
+    Why not a DataLoader: at small images the loader's host work per step (index, convert to float, pin, copy) costs
+    as much as the model's step on a fast GPU, and the GPU waits for it (issue 23's trainer profile). Here each step
+    is one ``index_select`` per tensor on the device; the only host-to-device copy is the epoch's order.
+
+    Batches carry the loader's keys and values: ``pixel_values`` in [-1, 1] float32 (converted from uint8 on the
+    device, bit-identical to `ImageClassDataset`), ``moments`` float32, ``class_labels`` int64, and for captioned data
+    ``image_index`` (pinned host tensor: the caption pick gathers on the host).
+
+    Args:
+        tensors: `gatherable_tensors` of the data set (host arrays, first dimension = rows).
+        sampler: The run's batch order and position.
+        device: Where the tensors are kept and gathered.
+        num_images: For captioned data, rows per image cycle (``image_index = row % num_images``); else None.
+    """
+
+    def __init__(self, tensors: Dict[str, Any], sampler: EpochBatchSampler, device: torch.device,
+                 num_images: Optional[int] = None):
+        # np.array: a private, writable copy of a (read-only) memory map.
+        self.tensors = {k: (t if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t))).to(device)
+                        for k, t in tensors.items()}
+        self.tensors = {k: t.long() if k == "class_labels" else t for k, t in self.tensors.items()}
+        self.sampler, self.device, self.num_images = sampler, device, num_images
+
+    @staticmethod
+    def nbytes(tensors: Dict[str, Any]) -> int:
+        return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes
+                   for t in tensors.values())
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        host = self.sampler.permutation()
+        pinned = self.device.type == "cuda"
+        order = to_device(host, self.device, pin=pinned)
+        image_index = None
+        if self.num_images is not None:
+            image_index = host % self.num_images
+            image_index = image_index.pin_memory() if pinned else image_index
+        n = self.sampler.batch_size
+        for offset in self.sampler.offsets():
+            rows = order[offset : offset + n]
+            batch = {k: t.index_select(0, rows) for k, t in self.tensors.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].float().div_(127.5).sub_(1.0)
+            if "moments" in batch:
+                batch["moments"] = batch["moments"].float()
+            if image_index is not None:
+                batch["image_index"] = image_index[offset : offset + n]
+            yield batch
+
+
+def use_device_data(mode: str, tensors: Optional[Dict[str, Any]], device: torch.device) -> bool:
+    """Whether --data_on_device ``mode`` keeps these tensors on ``device`` (see the flag's help)."""
+    if mode == "never":
+        return False
+    if tensors is None:
+        if mode == "always":
+            raise ValueError(
+                "--data_on_device always needs a data set whose batches are row gathers: images preloaded into "
+                "memory (small data sets are, see data.images.PRELOAD_MAX_BYTES) or a latent cache "
+                "(--cache_latents). Use --data_on_device auto or never for this data set.")
+        return False
+    if mode == "always":
+        return True
+    if device.type != "cuda":
+        return False
+    limit = min(DEVICE_DATA_MAX_BYTES, torch.cuda.get_device_properties(device).total_memory // 10)
+    return DeviceBatches.nbytes(tensors) <= limit
 
 
 def load_vae(path: str, device: torch.device):
@@ -101,8 +198,15 @@ class TrainingData:
                              id2label=dict(enumerate(names)) if names else None, num_samples=len(self.dataset))
         self.sampler = EpochBatchSampler(len(self.dataset), config.optim.train_batch_size,
                                          accelerator.num_processes, accelerator.process_index, config.seed)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_batch,
-                                 num_workers=d.dataloader_num_workers, pin_memory=torch.cuda.is_available())
+        tensors = gatherable_tensors(self.dataset)
+        if use_device_data(d.data_on_device, tensors, accelerator.device):
+            num_images = self.text.cache.num_images if self.text is not None else None
+            self.loader = DeviceBatches(tensors, self.sampler, accelerator.device, num_images)
+            logger.info("Training tensors kept on %s (%.1f MiB); batches are gathered there.", accelerator.device,
+                        DeviceBatches.nbytes(tensors) / 2**20)
+        else:
+            self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_batch,
+                                     num_workers=d.dataloader_num_workers, pin_memory=torch.cuda.is_available())
 
     def _load(self, config: TrainConfig, dataset: Any):
         """``(datasets.Dataset, scene root or None, label column or None)``: captioned data for a text run (the

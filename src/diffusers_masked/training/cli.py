@@ -42,6 +42,10 @@ def _add_data_flags(g) -> None:
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     g.add_argument("--in_channels", type=int, default=None, help="Expected image/latent channels (checked).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--data_on_device", choices=("auto", "always", "never"), default="auto",
+                   help="Keep preloaded images (or the latent cache) on the accelerator and gather each batch there "
+                        "instead of in a DataLoader: no host work or copy per step. 'auto': on CUDA when the tensors "
+                        "fit in min(4 GiB, 10%% of the device memory); the batch order is the loader's either way.")
     g.add_argument("--vae_path", type=str, default=None, help="Local AutoencoderKL folder: train in its latent space.")
     g.add_argument("--cache_latents", action="store_true", help="Encode the data set once (with flips) and train "
                    "from the cache.")

@@ -29,6 +29,7 @@ class DataConfig:
     random_flip: bool = False
     in_channels: Optional[int] = None
     dataloader_num_workers: int = 0
+    data_on_device: str = "auto"
     vae_path: Optional[str] = None
     cache_latents: bool = False
     latent_cache_dir: Optional[str] = None
