@@ -70,7 +70,8 @@ study)
 tune)
   # Issue 23: short variants of one recipe (ARG) in one call, e.g. MaskDiT's decoder depth, TREAD's span,
   # DeferredMaskDiT's patch-mixer depth (defaults in convergence.py CONTENDERS; VARIANTS="label:key=value,... ..."
-  # overrides, TUNE_MINUTES per variant). Rows merge with benchmarks/results_h200/tune/tune.json.
+  # overrides, TUNE_MINUTES per variant). Rows merge with benchmarks/results_h200/tune/tune.json. An unmasked_share
+  # variant (MaskDiT's ft25) plans its steps from the compiled trainer img/s: run it with TUNE_COMPILE=1.
   : "${ARG:?usage: bash benchmarks/run_gpu.sh tune MODEL}"
   export DIFFUSERS_MASKED_CACHE=$PWD/.cache_dm FASHION_MNIST_DIR=$PWD/$FM
   CARRIED_CACHE=$(ls .cache_dm/fashion_mnist_classifier/*.safetensors 2>/dev/null)
@@ -79,7 +80,9 @@ tune)
   mkdir -p "$OUT/tune"; cp benchmarks/results_h200/tune/tune.json "$OUT/tune/" 2>/dev/null
   timeout 570 python3 benchmarks/convergence.py --tune "$ARG" --out "$OUT/tune" --work_dir /tmp/tune \
       --merge_from benchmarks/results_h200/study/convergence.json --fashion_mnist_dir "$FM" --call "${CALL:-}" \
-      --tune_minutes "${TUNE_MINUTES:-1}" ${VARIANTS:+--variants $VARIANTS} 2>&1 | flt | tee -a "$LOG"
+      --tune_minutes "${TUNE_MINUTES:-1}" ${VARIANTS:+--variants $VARIANTS} \
+      --throughput_json benchmarks/results_h200/trainer_overhead/trainer_vs_harness.json \
+      ${TUNE_COMPILE:+--tune_compile} 2>&1 | flt | tee -a "$LOG"
   [ -n "$CARRIED_CACHE" ] || cp -r .cache_dm "$OUT/cache_dm" 2>/dev/null
   ;;
 text_to_image)
