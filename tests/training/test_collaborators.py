@@ -180,6 +180,26 @@ def test_time_budget_stops_every_process_on_the_same_step_with_a_checkpoint():
     assert saved == [2, 3] and single.reduced == []  # one process: no collective, no host sync
 
 
+def test_time_budget_warns_when_the_first_step_took_most_of_it(caplog):
+    acc, saved, c = FakeAccelerator(), [], clock()
+    seconds = iter([50.0, 61.0])  # a 50 s first step (compilation) of a 60 s budget
+    c.train_seconds = lambda: next(seconds)
+    budget = TimeBudget(1.0, acc, c, saved.append)
+    with caplog.at_level("WARNING", logger="diffusers_masked.training.callbacks"):
+        budget.on_step_end(LoopProgress(1, 10), output())
+        budget.on_step_end(LoopProgress(2, 10), output())
+    assert saved == [2]
+    assert "ended after 2 steps" in caplog.text and "first step took 50 s of the 60 s" in caplog.text
+    caplog.clear()
+    seconds = iter([5.0, 61.0])  # a quick first step: no warning
+    c.train_seconds = lambda: next(seconds)
+    quick = TimeBudget(1.0, acc, c, saved.append)
+    with caplog.at_level("WARNING", logger="diffusers_masked.training.callbacks"):
+        quick.on_step_end(LoopProgress(1, 10), output())
+        quick.on_step_end(LoopProgress(2, 10), output())
+    assert saved == [2, 2] and caplog.text == ""
+
+
 def test_evaluation_record():
     report = {"metrics": {"fd": 3.5, "note": "x"}, "settings": {"scheduler": "DDIMScheduler"}}
     assert evaluation_record(report, 4, 8, 1.5) == {"step": 4, "images_seen": 32, "wall_clock_s": 1.5,

@@ -8,6 +8,7 @@ its collaborators at construction, so it can be tested alone with stand-ins.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 
 from .context import LossOutput
 from .state import RunClock, TrainState
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,19 +147,40 @@ class TimeBudget(Callback):
     Every process must stop on the same step; the main process's clock decides, as only it leaves its sampling
     time out (the others spend it waiting in the next all-reduce)."""
 
+    #: Warn when the segment's first step (torch.compile's compilation, mostly) took more than this share of the
+    #: budget: a short budget can then end after a handful of steps, and the run trained nothing to speak of.
+    first_step_warn_share = 0.5
+
     def __init__(self, minutes: float, accelerator: Any, clock: RunClock, save: Callable[[int], Any]):
         self.minutes, self.accelerator, self.clock, self.save = minutes, accelerator, clock, save
+        self.first_step_seconds: Optional[float] = None
+        self.steps_in_segment = 0
 
     def on_step_end(self, progress: LoopProgress, output: LossOutput) -> None:
+        self.steps_in_segment += 1
         if progress.step >= progress.stop_at:
             return
         acc = self.accelerator
-        over_budget = acc.is_main_process and self.clock.train_seconds() > 60 * self.minutes
+        seconds = self.clock.train_seconds()
+        if self.first_step_seconds is None:
+            self.first_step_seconds = seconds
+        over_budget = acc.is_main_process and seconds > 60 * self.minutes
         if acc.num_processes > 1:  # the decision travels as a tensor: a host sync, so only when it must
             over_budget = acc.reduce(torch.tensor(float(over_budget), device=acc.device), reduction="sum").item() > 0
         if over_budget:
             progress.stop_at, progress.budget_reached = progress.step, True
+            self._warn_if_first_step_took_the_budget()
             self.save(progress.step)
+
+    def _warn_if_first_step_took_the_budget(self) -> None:
+        budget = 60 * self.minutes
+        if self.accelerator.is_main_process and self.first_step_seconds > self.first_step_warn_share * budget:
+            logger.warning(
+                "The time budget (--max_train_time_minutes %g) ended after %d steps of this run: its first step took "
+                "%.0f s of the %.0f s (with --torch_compile that is mostly compilation, which the budget counts). "
+                "Raise --max_train_time_minutes well above the compilation time, or train without --torch_compile "
+                "for short runs.", self.minutes, self.steps_in_segment, self.first_step_seconds, budget,
+            )
 
 
 def evaluation_record(report: Dict[str, Any], step: int, images_per_step: int, train_seconds: float) -> Dict[str, Any]:
