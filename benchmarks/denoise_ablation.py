@@ -30,6 +30,7 @@ from typing import List
 
 import numpy as np
 import torch
+from diffusers import EDMEulerScheduler
 from PIL import Image
 
 from diffusers_masked import MaskDiTTransformer2DModel, MDTv2Transformer2DModel
@@ -81,13 +82,16 @@ def load_scenes(root: Path, num_images: int):
     return torch.from_numpy(np.stack(images))[:, None], [r["text"][0] for r in rows]
 
 
+#: The preconditioning (c_in, c_noise, c_skip, c_out) of the pipelines' EDM scheduler, as the trainer uses it.
+EDM = EDMEulerScheduler(sigma_data=SIGMA_DATA, prediction_type="epsilon")
+
+
 def denoise(model, noisy, sigma, embeds, mask):
-    """EDM's D(x; sigma) with the scheduler's epsilon-style preconditioning (c_skip, c_out, c_in, c_noise)."""
-    s2 = sigma * sigma + SIGMA_DATA ** 2
-    c_in, c_skip, c_out = 1 / s2.sqrt(), SIGMA_DATA ** 2 / s2, sigma * SIGMA_DATA / s2.sqrt()
+    """EDM's D(x; sigma) through the scheduler's preconditioning."""
+    per_sample = sigma[:, None, None, None]
     kwargs = dict(encoder_hidden_states=embeds, encoder_attention_mask=mask) if embeds is not None else {}
-    out = model(noisy * c_in[:, None, None, None], sigma.log() / 4, **kwargs).sample
-    return c_skip[:, None, None, None] * noisy + c_out[:, None, None, None] * out
+    out = model(EDM.precondition_inputs(noisy, per_sample), EDM.precondition_noise(sigma), **kwargs).sample
+    return EDM.precondition_outputs(noisy, out, per_sample)
 
 
 def run(variant: str, x0, embeds, mask, steps: int, batch: int) -> str:

@@ -154,10 +154,8 @@ class TimeBudget(Callback):
     def __init__(self, minutes: float, accelerator: Any, clock: RunClock, save: Callable[[int], Any]):
         self.minutes, self.accelerator, self.clock, self.save = minutes, accelerator, clock, save
         self.first_step_seconds: Optional[float] = None
-        self.steps_in_segment = 0
 
     def on_step_end(self, progress: LoopProgress, output: LossOutput) -> None:
-        self.steps_in_segment += 1
         if progress.step >= progress.stop_at:
             return
         acc = self.accelerator
@@ -169,17 +167,17 @@ class TimeBudget(Callback):
             over_budget = acc.reduce(torch.tensor(float(over_budget), device=acc.device), reduction="sum").item() > 0
         if over_budget:
             progress.stop_at, progress.budget_reached = progress.step, True
-            self._warn_if_first_step_took_the_budget()
+            self._warn_if_first_step_took_the_budget(progress.step)
             self.save(progress.step)
 
-    def _warn_if_first_step_took_the_budget(self) -> None:
+    def _warn_if_first_step_took_the_budget(self, step: int) -> None:
         budget = 60 * self.minutes
         if self.accelerator.is_main_process and self.first_step_seconds > self.first_step_warn_share * budget:
             logger.warning(
                 "The time budget (--max_train_time_minutes %g) ended after %d steps of this run: its first step took "
                 "%.0f s of the %.0f s (with --torch_compile that is mostly compilation, which the budget counts). "
                 "Raise --max_train_time_minutes well above the compilation time, or train without --torch_compile "
-                "for short runs.", self.minutes, self.steps_in_segment, self.first_step_seconds, budget,
+                "for short runs.", self.minutes, step - self.clock.start_step, self.first_step_seconds, budget,
             )
 
 
