@@ -35,8 +35,10 @@ LOG=$OUT/log.txt
   echo "cgroup cpu.max: $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo n/a)"
 } 2>&1 | tee -a "$LOG"
 FM=".data/fashion-mnist"
-# Progress-bar refreshes and per-file checkpoint lines would flood the log.
-flt() { tr '\r' '\n' | grep -v "it/s\|s/it\|^\s*$\|accelerate.checkpointing\|should be kept in float32"; }
+# Progress-bar refreshes and per-file checkpoint lines would flood the log. Line-buffered: a pipe makes tr and grep
+# hold 4 KiB blocks, and a call cut by its time limit then loses the lines that say where its time went.
+LB=$(command -v stdbuf >/dev/null && echo "stdbuf -oL")
+flt() { $LB tr '\r' '\n' | grep --line-buffered -v "it/s\|s/it\|^\s*$\|accelerate.checkpointing\|should be kept in float32"; }
 T_STAGE=$SECONDS
 case "$STAGE" in
 trainer_overhead)

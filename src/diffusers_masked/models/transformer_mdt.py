@@ -93,8 +93,13 @@ def relative_position_biases(
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention runs in: the autocast dtype when autocast is on, else ``x``'s dtype (also on a device
     without autocast, e.g. ``meta``)."""
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    # Dynamo cannot trace `is_autocast_available` in torch 2.11 (a graph break in every compiled step); a compiled
+    # graph runs on a device that has autocast, so the check is only needed in eager mode.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return x.dtype
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return x.dtype
 
 
