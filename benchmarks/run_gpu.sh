@@ -131,6 +131,12 @@ text_to_image)
     tar czf "$OUT/t2i_$m.tgz" -C "$OUT/t2i" "$m" "$m.log" && rm -rf "$OUT/t2i/$m" "$OUT/t2i/$m.log"
   done
   ;;
+mdt_compile)
+  # What MDTv2's per-batch mask ratio costs torch.compile: the kept-token count compiled static (a recompilation at
+  # a new count) against dynamic from the first step (the trainer's way); fresh inductor cache per variant.
+  timeout 570 python3 benchmarks/mdt_compile_time.py --preset "${MDT_PRESET:-B/4}" --sample_size 64 \
+      --batch_size "${BATCH:-128}" --steps "${STEPS:-30}" --out "$OUT/mdt_compile_time.json" 2>&1 | flt | tee -a "$LOG"
+  ;;
 resume_check_1gpu)
   # Issue 12: a 1-GPU stop at step 20 and resume (the stage "conv" also ran the first equal wall-clock study).
   for a in "--stop_after_steps 20" "--resume_from_checkpoint latest"; do

@@ -13,6 +13,7 @@ FD against the real test scenes, on whole images and on the cells.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -80,7 +81,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help="Sample with this diffusers scheduler class instead of the saved one, built from the saved scheduler's "
         "config (e.g. DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler; EDM pipelines: "
-        "EDMEulerScheduler, EDMDPMSolverMultistepScheduler).",
+        "EDMEulerScheduler, EDMDPMSolverMultistepScheduler); 'saved' = the pipeline's own. Default: the saved one, "
+        "except a saved DDPMScheduler below 250 steps, which samples with DPMSolverMultistepScheduler (ancestral "
+        "DDPM at tens of steps leaves visible noise), as the trainer's validation does.",
     )
     g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu).")
     g.add_argument(
@@ -182,7 +185,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help="Scene mode: a data set folder written by train_examples/make_fashion_mnist_scenes.py (its test/ "
         "split is used) or a folder with a metadata.jsonl of scenes. The pipeline draws the held-out captions; "
-        "the report adds the scene score (items found in their cell, empty cells left empty) to FD.",
+        "the report adds the scene score (items found in their cell, empty cells left empty) to FD, against the "
+        "split's scenes resized to the model's size (as the trainer resizes them for --resolution).",
     )
     g.add_argument(
         "--scene_captions",
@@ -266,11 +270,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"--pipeline {args.pipeline} does not exist: pass a folder saved by a trainer or save_pretrained."
             )
         pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pipeline)
-        if args.scheduler:
+        scheduler_name = args.scheduler
+        if scheduler_name is None:
+            from .utils import few_step_sampler_name
+
+            steps = args.num_inference_steps
+            if steps is None:
+                param = inspect.signature(pipeline.__call__).parameters.get("num_inference_steps")
+                steps = param.default if param is not None and isinstance(param.default, int) else None
+            scheduler_name = few_step_sampler_name(getattr(pipeline, "scheduler", None), steps)
+            if scheduler_name:
+                print(
+                    f"Sampling with {scheduler_name} instead of the saved DDPMScheduler at {steps} steps (pass "
+                    "--scheduler saved to keep it)."
+                )
+        if scheduler_name and scheduler_name != "saved":
             from .utils import build_scheduler
 
             try:
-                pipeline.scheduler = build_scheduler(args.scheduler, pipeline.scheduler.config)
+                pipeline.scheduler = build_scheduler(scheduler_name, pipeline.scheduler.config)
             except ValueError as err:
                 raise ValueError(f"--scheduler: {err}") from None
         pipeline.to(device)
@@ -341,15 +359,26 @@ def _write_result(result: dict, args: argparse.Namespace, argv: Optional[List[st
 def _main_scenes(args: argparse.Namespace, pipeline, argv: Optional[List[str]], progress: bool) -> int:
     """Scene mode: prompt with the held-out captions of --scenes, report the scene score next to FD."""
     from .data.scenes import load_scenes, scene_split_dir
-    from .evaluation.scenes import EMPTY_INK_THRESHOLD, evaluate_scenes
+    from .evaluation.sampling import expected_image_shape
+    from .evaluation.scenes import EMPTY_INK_THRESHOLD, evaluate_scenes, resized_scene_reference
 
     split_dir = scene_split_dir(args.scenes, "test")
     scenes = load_scenes(split_dir, load_images=False)
+    reference, resized_to = args.reference, None
+    if reference is None:
+        shape = expected_image_shape(pipeline)
+        reference = str(split_dir)
+        if shape is not None and shape[1] == shape[2]:
+            # A model trained at another --resolution is compared with the scenes resized as its training data was.
+            reference = resized_scene_reference(split_dir, shape[1])
+            if not isinstance(reference, str):
+                resized_to = [shape[1], shape[2]]
+                print(f"FD reference: the scenes of {split_dir} resized to {shape[1]}x{shape[2]}, the model's size.")
     result = evaluate_scenes(
         pipeline,
         scenes.prompts(args.scene_captions),
         scenes.layouts,
-        reference=args.reference if args.reference is not None else str(split_dir),
+        reference=reference,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -366,6 +395,8 @@ def _main_scenes(args: argparse.Namespace, pipeline, argv: Optional[List[str]], 
     )
     result["settings"]["scenes"] = str(split_dir.resolve())
     result["settings"]["scene_captions"] = args.scene_captions
+    if resized_to is not None:
+        result["reference"]["resized_to"] = resized_to
     out = _write_result(result, args, argv)
     m = result["metrics"]
     fds = "".join(

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, EDMEulerScheduler
+from diffusers import DDPMScheduler, DiffusionPipeline, EDMEulerScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
@@ -106,6 +106,20 @@ def test_scheduler_override_is_used_and_recorded(fashion_mnist, tiny_pipeline_di
     assert base["metrics"]["fd"] != result["metrics"]["fd"]  # other sampler, other samples
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         _cli(tiny_pipeline_dir, classifier_file, tmp_path, "--scheduler", "NoSuchScheduler")
+
+
+def test_saved_ddpm_scheduler_samples_few_steps_with_dpm_solver(fashion_mnist, tiny_pipeline_dir, classifier_file, tmp_path):
+    # Ancestral DDPM at a few steps leaves noise that the metrics read as content: the default swaps in DPM-Solver++,
+    # `--scheduler saved` keeps the saved sampler.
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.scheduler = DDPMScheduler()
+    ddpm_dir = tmp_path / "ddpm_pipe"
+    pipe.save_pretrained(ddpm_dir)
+    swapped = _cli(ddpm_dir, classifier_file, tmp_path)
+    assert swapped["settings"]["scheduler"] == "DPMSolverMultistepScheduler"
+    kept = _cli(ddpm_dir, classifier_file, tmp_path, "--scheduler", "saved")
+    assert kept["settings"]["scheduler"] == "DDPMScheduler"
+    assert kept["metrics"]["fd"] != swapped["metrics"]["fd"]
 
 
 def test_samples_do_not_depend_on_batch_size(tiny_pipeline_dir):

@@ -2,7 +2,9 @@
 threshold is what calibration on real scenes gives; `evaluate_scenes` and ``python -m diffusers_masked.evaluate
 --scenes`` run end to end on a fake pipeline that returns the real scene for its caption."""
 
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import diffusers
 import numpy as np
@@ -23,6 +25,7 @@ from diffusers_masked.evaluation import (
     evaluate_scenes,
     load_fashion_mnist_classifier,
     predict_layouts,
+    resized_scene_reference,
     save_classifier,
     score_layouts,
     score_scenes,
@@ -239,6 +242,34 @@ def test_evaluate_command_scene_mode(test_scenes, tiny_classifier, tmp_path, mon
             parse_args(argv + bad)
     with pytest.raises(SystemExit):
         parse_args(["--pipeline", "p", "--empty_threshold", "0.1"])  # scene flags need --scenes
+
+
+class SmallSceneOracle(SceneOracle):
+    """`SceneOracle` of a 32x32 model: the real scenes resized as the trainer resizes them for --resolution 32."""
+
+    @property
+    def transformer(self):
+        return SimpleNamespace(config=SimpleNamespace(sample_size=32, in_channels=1, caption_channels=8))
+
+
+def test_evaluate_command_resizes_the_scene_reference_to_the_model(tiny_classifier, tmp_path, monkeypatch):
+    small = generate_scenes(24, "test", seed=2)
+    write_scene_split(small, tmp_path / "scenes" / "test")
+    resized = resized_scene_reference(tmp_path / "scenes" / "test", 32)
+    assert resized.shape == (24, 32, 32) and resized.dtype == np.uint8
+    assert resized_scene_reference(tmp_path / "scenes" / "test", 64) == str(tmp_path / "scenes" / "test")
+    oracle = SmallSceneOracle(dataclasses.replace(small, images=resized))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(lambda cls, path: oracle))
+    (tmp_path / "pipe").mkdir()
+    classifier_file = save_classifier(tiny_classifier, {"test_accuracy": None}, tmp_path / "clf" / "tiny.safetensors")
+    out = tmp_path / "out.json"
+    assert main(["--pipeline", str(tmp_path / "pipe"), "--scenes", str(tmp_path / "scenes"), "--batch_size", "12",
+                 "--classifier_path", str(classifier_file), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+                 "--output", str(out), "--no_progress"]) == 0
+    result = json.loads(out.read_text())
+    # The samples are the resized reference itself: both distances vanish.
+    assert result["reference"]["resized_to"] == [32, 32] and result["settings"]["image_shape"] == [1, 32, 32]
+    assert abs(result["metrics"]["fd"]) < 1e-3 and abs(result["metrics"]["fd_cells"]) < 1e-3
 
 
 @pytest.mark.slow

@@ -67,3 +67,28 @@ def test_draw_ids_keep_draws_what_the_model_draws():
     assert torch.equal(own.mask, given.mask)
     torch.testing.assert_close(own.sample, given.sample)
     assert draw_ids_keep(model, 3, 0.0, x.device, None) is None
+
+
+def test_mdtv2_per_batch_mask_ratios_compile_once():
+    """MDTv2 draws a mask ratio per batch, so the kept-token count changes between steps: the compiled forward is
+    built twice (the full branch and the masked branch, with a dynamic kept-token count), not again at each new
+    ratio (a full recompilation, minutes for a B-size model)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, recipe, _ = tiny("mdt")
+    config = parse_args(recipe, [])
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    batch = {"x0": x0, "class_labels": torch.tensor([0, 1, 2, 0])}
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ratios = set()
+    for step in range(8):
+        ctx = TrainContext(config, generator=torch.Generator().manual_seed(step), model=model, step=step)
+        ctx.objective = recipe.build_objective(ctx)
+        out = recipe.compute_loss(compiled, batch, ctx)
+        ratios.add(round(out.logs["mask_ratio"], 4))
+        assert torch.isfinite(out.loss)
+    assert len({round(16 * (1 - r)) for r in ratios}) >= 2  # several kept-token counts were drawn
+    assert counter.frame_count == 2
+    torch._dynamo.reset()

@@ -59,6 +59,7 @@ from ..data.scenes import (
     POSITIONS,
     SceneSet,
     check_layout,
+    load_scenes,
     parse_caption,
     scene_split_dir,
 )
@@ -338,6 +339,18 @@ def _scene_reference(
         except FileNotFoundError:
             return reference  # a plain folder of images
     return reference
+
+
+def resized_scene_reference(split_dir: PathLike, resolution: int) -> Union[str, np.ndarray]:
+    """The real scenes of a split folder as the FD reference of ``resolution``-pixel samples: the folder itself at the
+    scenes' own size, else its images resized as the trainer resizes its training images (`resize_center_crop`),
+    uint8 (N, resolution, resolution). A model trained with ``--resolution 32`` is then compared with 32x32 scenes."""
+    from ..data.images import resize_center_crop
+
+    images = load_scenes(split_dir).images
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return str(split_dir)
+    return np.stack([resize_center_crop(im[..., None], resolution)[..., 0] for im in images])
 
 
 def _cell_reference_stats(

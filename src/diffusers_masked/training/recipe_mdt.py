@@ -153,12 +153,19 @@ def branch_loss(
     generator: Optional[torch.Generator],
     route_ratio: float = 0.0,
     bare: Optional[torch.nn.Module] = None,
+    varying_keep: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (loss, mse, vb) of one branch; the loss covers all tokens. ``vlb`` None (EDM): the loss is the
     objective's weighted error alone (vb 0). ``route_ratio > 0`` adds TREAD routing inside the encoder (among the
-    kept tokens in the masked branch)."""
+    kept tokens in the masked branch). ``varying_keep``: the mask ratio changes from step to step (see
+    `mdtv2_loss`)."""
     bare = model if bare is None else bare
     ids_keep = draw_ids_keep(bare, x0.shape[0], mask_ratio, x0.device, generator)
+    if varying_keep and ids_keep is not None:
+        # torch.compile would specialise on the first step's kept-token count and recompile at the next ratio (a
+        # whole forward + backward compilation, minutes for a B-size model); a dynamic size from the start
+        # compiles the masked branch once for every ratio.
+        torch._dynamo.maybe_mark_dynamic(ids_keep, 1)
     route_ids = draw_route_ids(x0.shape[0], bare.num_tokens, ids_keep, route_ratio, x0.device, generator)
     out = model(batch.model_input, batch.timestep, ids_keep=ids_keep, route_ids=route_ids, **cond).sample
     c = x0.shape[1]
@@ -182,6 +189,7 @@ def mdtv2_loss(
     backward_part: Optional[BackwardPart] = None,
     bare: Optional[torch.nn.Module] = None,
     vlb: Optional[LearnedVarianceVLB] = None,
+    varying_keep: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Loss of one MDTv2 step (see the module docstring) and its parts for logging.
 
@@ -189,7 +197,9 @@ def mdtv2_loss(
     `TrainContext.backward_part`) the full branch is back-propagated before the masked one runs and only its value
     joins the returned loss: same gradients, one branch's activations alive at a time. Both branches route when
     ``route_ratio > 0`` (the encoder is the routed stack in each). ``bare``: the unwrapped model for attribute reads
-    (default: ``model``); ``vlb``: a cached `LearnedVarianceVLB` of a DDPM ``objective`` (unused under EDM)."""
+    (default: ``model``); ``vlb``: a cached `LearnedVarianceVLB` of a DDPM ``objective`` (unused under EDM);
+    ``varying_keep``: ``mask_ratio`` changes between steps (MDTv2's per-batch ratio), so the number of kept tokens is
+    a dynamic size for torch.compile."""
     if isinstance(objective, EDMObjective):
         vlb = None
     elif isinstance(objective, DDPMObjective) and objective.learned_variance:
@@ -215,7 +225,7 @@ def mdtv2_loss(
                             device=generator.device if generator is not None else x0.device)
         masked = objective.renoise(x0, full, noise.to(x0.device, x0.dtype))
         loss_m, m_mse, m_vb = branch_loss(model, objective, vlb, x0, masked, cond, mask_ratio, min_snr_gamma,
-                                          generator, route_ratio, bare)
+                                          generator, route_ratio, bare, varying_keep)
         loss = loss + loss_m.mean()
         logs.update(m_mse=m_mse.mean().detach(), m_vb=m_vb.mean().detach(), m_loss=loss_m.mean().detach())
     return loss, logs
@@ -366,8 +376,10 @@ class MDTv2Recipe(TrainingRecipe):
             self._vlb = LearnedVarianceVLB(ctx.objective)
         c: MDTv2Config = ctx.config.recipe
         backward_part = ctx.backward_part if c.split_branch_backward else None
+        varying = ctx.config.model.mask_ratio is None and c.mask_ratio_range[0] < c.mask_ratio_range[1]
         loss, logs = mdtv2_loss(model, ctx.objective, batch["x0"], cond, ratio, c.min_snr_gamma, ctx.generator,
-                                route_ratio_at(ctx), backward_part, bare=ctx.model, vlb=self._vlb)
+                                route_ratio_at(ctx), backward_part, bare=ctx.model, vlb=self._vlb,
+                                varying_keep=varying and c.mask_ratio_levels != 1)
         # Without masking the side-interpolater gets no gradient.
         unused = list(ctx.model.side_interpolater.parameters()) if ratio == 0 else []
         return LossOutput(loss, {"mask_ratio": ratio, **logs}, unused=unused)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class PipelineEvaluator:
 
     def __init__(self, sampler: PipelineSampler, output_dir: Path, images_per_step: int):
         self.sampler, self.output_dir, self.images_per_step = sampler, output_dir, images_per_step
-        self._resized_reference: Optional[np.ndarray] = None
+        self._resized_reference: Optional[Union[str, np.ndarray]] = None
 
     def __call__(self, step: int, train_seconds: float) -> Dict[str, Any]:
         with torch.no_grad():
@@ -165,16 +165,9 @@ class PipelineEvaluator:
     def _scene_reference(self) -> Any:
         """The held-out scenes: their folder, or at another --resolution their images resized as the training
         images are (read and resized once per run)."""
-        from ..data.scenes import SCENE_SIZE
-
-        ctx = self.sampler.ctx
-        if ctx.data.resolution == SCENE_SIZE:
-            return str(ctx.text.scenes_test_dir)
         if self._resized_reference is None:
-            from ..data.images import resize_center_crop
-            from ..data.scenes import load_scenes
+            from ..evaluation.scenes import resized_scene_reference
 
-            images = load_scenes(ctx.text.scenes_test_dir).images
-            self._resized_reference = np.stack(
-                [resize_center_crop(im[..., None], ctx.data.resolution)[..., 0] for im in images])
+            ctx = self.sampler.ctx
+            self._resized_reference = resized_scene_reference(ctx.text.scenes_test_dir, ctx.data.resolution)
         return self._resized_reference

@@ -1,4 +1,10 @@
-from .schedulers import build_scheduler, describe_training_objective, scheduler_class, scheduler_family
+from .schedulers import (
+    build_scheduler,
+    describe_training_objective,
+    few_step_sampler_name,
+    scheduler_class,
+    scheduler_family,
+)
 from .text_encoders import (
     DEFAULT_TEXT_ENCODER_PACKAGE,
     check_max_sequence_length,
@@ -14,6 +20,7 @@ __all__ = [
     "check_max_sequence_length",
     "default_text_encoder_path",
     "describe_training_objective",
+    "few_step_sampler_name",
     "load_default_text_encoder",
     "load_text_encoder",
     "scheduler_class",
