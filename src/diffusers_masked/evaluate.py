@@ -13,7 +13,6 @@ FD against the real test scenes, on whole images and on the cells.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -272,11 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pipeline)
         scheduler_name = args.scheduler
         if scheduler_name is None:
+            from .evaluation.sampling import pipeline_call_parameters
             from .utils import few_step_sampler_name
 
             steps = args.num_inference_steps
             if steps is None:
-                param = inspect.signature(pipeline.__call__).parameters.get("num_inference_steps")
+                param = pipeline_call_parameters(pipeline).get("num_inference_steps")
                 steps = param.default if param is not None and isinstance(param.default, int) else None
             scheduler_name = few_step_sampler_name(getattr(pipeline, "scheduler", None), steps)
             if scheduler_name:
@@ -365,15 +365,15 @@ def _main_scenes(args: argparse.Namespace, pipeline, argv: Optional[List[str]], 
     split_dir = scene_split_dir(args.scenes, "test")
     scenes = load_scenes(split_dir, load_images=False)
     reference, resized_to = args.reference, None
-    if reference is None:
-        shape = expected_image_shape(pipeline)
+    shape = expected_image_shape(pipeline)
+    if reference is None and shape is not None and shape[1] == shape[2]:
+        # A model trained at another --resolution is compared with the scenes resized as its training data was.
+        reference = resized_scene_reference(split_dir, shape[1])
+        if not isinstance(reference, str):
+            resized_to = [shape[1], shape[2]]
+            print(f"FD reference: the scenes of {split_dir} resized to {shape[1]}x{shape[2]}, the model's size.")
+    elif reference is None:
         reference = str(split_dir)
-        if shape is not None and shape[1] == shape[2]:
-            # A model trained at another --resolution is compared with the scenes resized as its training data was.
-            reference = resized_scene_reference(split_dir, shape[1])
-            if not isinstance(reference, str):
-                resized_to = [shape[1], shape[2]]
-                print(f"FD reference: the scenes of {split_dir} resized to {shape[1]}x{shape[2]}, the model's size.")
     result = evaluate_scenes(
         pipeline,
         scenes.prompts(args.scene_captions),

@@ -347,9 +347,10 @@ def resized_scene_reference(split_dir: PathLike, resolution: int) -> Union[str, 
     uint8 (N, resolution, resolution). A model trained with ``--resolution 32`` is then compared with 32x32 scenes."""
     from ..data.images import resize_center_crop
 
-    images = load_scenes(split_dir).images
-    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+    # One image tells the size; the folder itself is read again by the FD reference when it is returned as is.
+    if load_scenes(split_dir, limit=1).images.shape[-2:] == (resolution, resolution):
         return str(split_dir)
+    images = load_scenes(split_dir).images
     return np.stack([resize_center_crop(im[..., None], resolution)[..., 0] for im in images])
 
 

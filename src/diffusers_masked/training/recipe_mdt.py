@@ -369,6 +369,14 @@ class MDTv2Recipe(TrainingRecipe):
             u = (math.floor(u * c.mask_ratio_levels) + 0.5) / c.mask_ratio_levels
         return low + (high - low) * u
 
+    @staticmethod
+    def mask_ratio_varies(config: TrainConfig) -> bool:
+        """Whether `mask_ratio` draws more than one ratio over the masked steps (not with --mask_ratio, a single
+        level or an empty range)."""
+        c: MDTv2Config = config.recipe
+        low, high = c.mask_ratio_range
+        return config.model.mask_ratio is None and low < high and c.mask_ratio_levels != 1
+
     def compute_loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], ctx: TrainContext) -> LossOutput:
         cond = self.conditioning_kwargs(batch, ctx)
         ratio = self.mask_ratio(ctx)
@@ -376,10 +384,9 @@ class MDTv2Recipe(TrainingRecipe):
             self._vlb = LearnedVarianceVLB(ctx.objective)
         c: MDTv2Config = ctx.config.recipe
         backward_part = ctx.backward_part if c.split_branch_backward else None
-        varying = ctx.config.model.mask_ratio is None and c.mask_ratio_range[0] < c.mask_ratio_range[1]
         loss, logs = mdtv2_loss(model, ctx.objective, batch["x0"], cond, ratio, c.min_snr_gamma, ctx.generator,
                                 route_ratio_at(ctx), backward_part, bare=ctx.model, vlb=self._vlb,
-                                varying_keep=varying and c.mask_ratio_levels != 1)
+                                varying_keep=self.mask_ratio_varies(ctx.config))
         # Without masking the side-interpolater gets no gradient.
         unused = list(ctx.model.side_interpolater.parameters()) if ratio == 0 else []
         return LossOutput(loss, {"mask_ratio": ratio, **logs}, unused=unused)
